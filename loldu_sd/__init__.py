@@ -1,0 +1,28 @@
+"""loldu-sd: kilobyte-sized LoLDU adapters (arXiv 2410.13618) for Stable Diffusion and transformers models.
+
+Importing the package adds `load_loldu_weights` and friends to diffusers' Stable Diffusion pipelines
+(see loldu_sd.diffusers); diffusers itself is only imported when it is installed.
+"""
+from .config import INITS, LoLDUConfig
+from .decompose import LDUFactors, top_r_ldu
+from .io import LoadedAdapter, LoLDUBaseMismatchError, LoLDUFormatError, load_loldu, read_adapter_file, save_loldu
+from .layer import LoLDULinear
+from .model import (
+    add_loldu,
+    cast_loldu_parameters,
+    count_loldu_parameters,
+    find_targets,
+    get_loldu_adapters,
+    get_loldu_config,
+    loldu_adapter_names,
+    loldu_layers,
+    loldu_parameters,
+    loldu_scale,
+    merge_loldu,
+    project_loldu_,
+    remove_loldu,
+    set_loldu_adapters,
+    unmerge_loldu,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,214 @@
+"""LoLDULinear: an nn.Linear carrying named LoLDU adapters on shared, frozen top-r LDU factors.
+
+    y = W0 x + b + B (s ⊙ (A x)),   s = sum_a w_a * c * (sigma_a z_a - sigma0_a z0_a)   (zero-padded to max rank)
+
+W0 and b are the wrapped layer's own Parameters (shared, never copied or modified until merge), so state-dict keys
+and `isinstance(m, nn.Linear)` checks keep working. B (m x R), A (R x n) are non-persistent buffers: the adapter file
+stays tiny because loading recomputes them from W0 (the trade-off peft's VeRA documents for its shared matrices).
+Factors are nested, so adapters of different ranks share the leading columns/rows of one rank-R decomposition.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoLDUConfig
+from .decompose import LDUFactors, fingerprint, top_r_ldu
+
+
+def _init_z(cfg: LoLDUConfig, z0: torch.Tensor) -> torch.Tensor:
+    """Trainable z at init (paper Table V); the residual keeps z0, so only 'ldu' is identity at init."""
+    mean, std = z0.mean(), z0.std() if z0.numel() > 1 else torch.zeros(())
+    if cfg.init == "ldu":
+        return z0.clone()
+    if cfg.init == "uniform":
+        a, b = cfg.init_range
+        return torch.empty_like(z0).uniform_(a, b)
+    if cfg.init == "uniform_mean":  # U(-mean/2, mean/2)
+        half = float(mean.abs()) / 2
+        return torch.empty_like(z0).uniform_(-half, half)
+    if cfg.init == "normal":
+        return torch.randn_like(z0)
+    if cfg.init == "normal_stats":
+        return torch.randn_like(z0) * std + mean
+    if cfg.init == "constant":
+        return torch.full_like(z0, float(mean))
+    if cfg.init == "zeros":
+        return torch.zeros_like(z0)
+    return torch.ones_like(z0)  # "ones"
+
+
+class LoLDUAdapter(nn.Module):
+    """One adapter of one layer: trainable z (r) and sigma, frozen z0 and sigma0."""
+
+    def __init__(self, config: LoLDUConfig, z0: torch.Tensor, pivots: torch.Tensor, weight_norm: float):
+        super().__init__()
+        self.config = config
+        self.rank = z0.numel()
+        self.z = nn.Parameter(_init_z(config, z0).float())
+        self.sigma = nn.Parameter(torch.tensor(config.sigma0), requires_grad=config.train_sigma)
+        # z0/sigma0 are buffers so that every cast applied to z/sigma hits them too: s stays exactly 0 at init.
+        self.register_buffer("z0", z0.float().clone(), persistent=False)
+        self.register_buffer("sigma0", torch.tensor(config.sigma0), persistent=False)
+        self.register_buffer("pivots", pivots.clone(), persistent=False)
+        self.weight_norm = weight_norm
+        self.weight = 1.0  # mixing weight set by set_adapters
+
+    def diag(self) -> torch.Tensor:
+        """s = sigma z - sigma0 z0 in float32: the diagonal of this adapter's delta."""
+        return self.sigma.float() * self.z.float() - self.sigma0.float() * self.z0.float()
+
+    def fingerprint(self) -> torch.Tensor:
+        """Fingerprint of the base weight this adapter was built on."""
+        return fingerprint(LDUFactors(None, self.z0, None, self.pivots, self.weight_norm))
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Projected gradient step (eqs. 10-12): sigma into (0, sigma_max], ||z|| <= z_max_norm."""
+        if self.config.sigma_max is not None:
+            self.sigma.clamp_(min=1e-8, max=self.config.sigma_max)  # 1e-8 stands for the open bound 0
+        if self.config.z_max_norm is not None:
+            norm = self.z.norm()
+            if norm > self.config.z_max_norm:
+                self.z.mul_(self.config.z_max_norm / norm)
+
+
+class LoLDULinear(nn.Linear):
+    """nn.Linear with LoLDU adapters; build it with `LoLDULinear.from_linear(linear)`."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "LoLDULinear":
+        """Wrap `linear` without copying: the new layer shares its weight and bias Parameters."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.register_parameter("bias", linear.bias)
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer.loldu_adapters = nn.ModuleDict()
+        layer.register_buffer("loldu_B", None, persistent=False)  # (m, R)
+        layer.register_buffer("loldu_A", None, persistent=False)  # (R, n)
+        layer.loldu_active: list[str] = []
+        layer.loldu_merged: list[str] = []
+        layer.loldu_runtime_scale = 1.0
+        layer._loldu_original_weight: torch.Tensor | None = None  # W0 kept while merged: unmerge is bit-exact
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear sharing this layer's (unmerged) weight and bias."""
+        self.unmerge()
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight = self.weight
+        linear.register_parameter("bias", self.bias)
+        return linear
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def max_rank(self) -> int:
+        """Largest rank this layer can take: min(out, in)."""
+        return min(self.in_features, self.out_features)
+
+    def factorise(self, config: LoLDUConfig, rank: int, name: str = "weight") -> LDUFactors:
+        """Top-`rank` LDU factors of this layer's base weight (W0, unmerged)."""
+        weight = self._loldu_original_weight if self._loldu_original_weight is not None else self.weight
+        return top_r_ldu(weight, rank, config.factor_dtype, config.canonical_dtype, config.pivot_eps, name)
+
+    def add_adapter(self, name: str, config: LoLDUConfig, factors: LDUFactors | None = None,
+                    layer_name: str = "weight") -> LoLDUAdapter:
+        """Add adapter `name` (rank clamped to min(out, in)); decomposes W0 unless `factors` are given."""
+        if name in self.loldu_adapters:
+            raise ValueError(f"{layer_name}: adapter {name!r} already exists")
+        rank = min(config.rank, self.max_rank())
+        current = 0 if self.loldu_B is None else self.loldu_B.shape[1]
+        if factors is None or factors.B.shape[1] < rank:
+            factors = self.factorise(config, max(rank, current), layer_name)
+        if factors.B.shape[1] > current:  # nested factors: growing R leaves smaller adapters' subspace intact
+            self.loldu_B = factors.B.to(self.weight.dtype)
+            self.loldu_A = factors.A.to(self.weight.dtype)
+        adapter = LoLDUAdapter(config, factors.z0[:rank], factors.pivots[:rank], factors.weight_norm)
+        self.loldu_adapters[name] = adapter.to(self.weight.device)
+        self.loldu_active.append(name)
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (unmerging it first if needed)."""
+        if name in self.loldu_merged:
+            self.unmerge([name])
+        del self.loldu_adapters[name]
+        self.loldu_active = [a for a in self.loldu_active if a != name]
+
+    def set_active(self, names: list[str], weights: list[float] | None = None) -> None:
+        """Activate `names` with mixing weights (default 1.0 each)."""
+        weights = [1.0] * len(names) if weights is None else weights
+        for n, w in zip(names, weights):
+            self.loldu_adapters[n].weight = float(w)
+        self.loldu_active = list(names)
+
+    # ---- forward / merge ------------------------------------------------------------------------------------
+    def combined_diag(self, names: list[str] | None = None, scale: float = 1.0) -> torch.Tensor | None:
+        """sum_a w_a * scale * s_a over `names` (default: active, unmerged), zero-padded to the largest rank."""
+        if names is None:
+            names = [a for a in self.loldu_active if a not in self.loldu_merged]
+        if not names:
+            return None
+        adapters = [self.loldu_adapters[n] for n in names]
+        if len(adapters) == 1:
+            return adapters[0].diag() * (adapters[0].weight * scale)
+        s = torch.zeros(max(a.rank for a in adapters), device=self.weight.device)
+        for a in adapters:
+            s[: a.rank] += a.diag() * (a.weight * scale)
+        return s
+
+    def delta_weight(self, names: list[str] | None = None, scale: float = 1.0) -> torch.Tensor:
+        """Delta W = B diag(s) A (out x in, float32) of `names`; zeros when no adapter is selected."""
+        s = self.combined_diag(names, scale)
+        if s is None:
+            return torch.zeros_like(self.weight, dtype=torch.float32)
+        r = s.numel()
+        return (self.loldu_B[:, :r].float() * s) @ self.loldu_A[:r].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.combined_diag(scale=self.loldu_runtime_scale)
+        if s is None:
+            return F.linear(x, self.weight, self.bias)
+        r = s.numel()
+        B, A, s = self.loldu_B[:, :r], self.loldu_A[:r], s.to(x.dtype)
+        tokens = x.numel() // self.in_features
+        if not torch.is_grad_enabled() and tokens * (self.in_features + self.out_features) > self.weight.numel():
+            # inference on many tokens: one (m x n x r) weight update beats T (m + n) r extra work
+            return F.linear(x, torch.addmm(self.weight, B * s, A), self.bias)
+        # training: the low-rank path keeps backward free of any m x n weight gradient
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, A) * s, B)
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, scale: float = 1.0) -> None:
+        """Fold `names` (default: active, unmerged) into W; W0 is kept so that unmerge is bit-exact."""
+        names = [a for a in (self.loldu_active if names is None else names) if a not in self.loldu_merged]
+        if not names:
+            return
+        if self._loldu_original_weight is None:
+            self._loldu_original_weight = self.weight.data
+        merged = self.weight.data.float() + self.delta_weight(names, scale)
+        self.weight.data = merged.to(self.weight.dtype)
+        self.loldu_merged.extend(names)
+        self._loldu_merge_scale = scale
+
+    @torch.no_grad()
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Undo merges of `names` (default all): restores W0 bit-exactly, then re-merges the others."""
+        if self._loldu_original_weight is None:
+            return
+        keep = [] if names is None else [a for a in self.loldu_merged if a not in names]
+        self.weight.data = self._loldu_original_weight
+        self._loldu_original_weight = None
+        self.loldu_merged = []
+        if keep:
+            self.merge(keep, self._loldu_merge_scale)
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.rank for n, a in self.loldu_adapters.items()}
+        return f"{super().extra_repr()}, loldu={ranks}, active={self.loldu_active}, merged={self.loldu_merged}"

@@ -1,0 +1,168 @@
+"""Functional API over any nn.Module (minLoRA style): add, merge, unmerge, remove, project, select adapters."""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import LoLDUConfig
+from .layer import LoLDULinear
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    """peft convention: a string is a full-match regex, a list holds name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(module: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the nn.Linear submodules of `module` matched by `targets`."""
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n and _matches(n, targets)]
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def loldu_layers(module: nn.Module) -> Iterator[tuple[str, LoLDULinear]]:
+    """(name, layer) for every LoLDU layer in `module`."""
+    return ((n, m) for n, m in module.named_modules() if isinstance(m, LoLDULinear))
+
+
+def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
+              layer_names: list[str] | None = None) -> nn.Module:
+    """Add adapter `adapter_name` to the Linear layers of `module` that `config.target_modules` names (in place)."""
+    if layer_names is None:
+        if config.target_modules is None:
+            raise ValueError("LoLDUConfig.target_modules is None: name the Linear layers to adapt (or use a preset)")
+        layer_names = find_targets(module, config.target_modules)
+        if not layer_names:
+            sample = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)][:8]
+            raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear layer; "
+                             f"Linear layers here look like {sample}")
+    if any(adapter_name in layer.loldu_adapters for _, layer in loldu_layers(module)):
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
+    for name in layer_names:
+        layer = module.get_submodule(name)
+        if not isinstance(layer, LoLDULinear):
+            layer = LoLDULinear.from_linear(layer)
+            _set_submodule(module, name, layer)
+        layer.add_adapter(adapter_name, config, layer_name=name)
+    return module
+
+
+def loldu_parameters(module: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """Trainable LoLDU tensors (z, and sigma unless frozen) of one adapter or all."""
+    return [p for _, layer in loldu_layers(module) for n, a in layer.loldu_adapters.items()
+            if adapter_name in (None, n) for p in a.parameters() if p.requires_grad]
+
+
+def loldu_adapter_names(module: nn.Module) -> list[str]:
+    """Names of the adapters present in `module`, in insertion order."""
+    names: dict[str, None] = {}
+    for _, layer in loldu_layers(module):
+        names.update(dict.fromkeys(layer.loldu_adapters))
+    return list(names)
+
+
+def get_loldu_config(module: nn.Module, adapter_name: str) -> LoLDUConfig:
+    """The config adapter `adapter_name` was created with."""
+    for _, layer in loldu_layers(module):
+        if adapter_name in layer.loldu_adapters:
+            return layer.loldu_adapters[adapter_name].config
+    raise KeyError(f"no LoLDU adapter named {adapter_name!r}; present: {loldu_adapter_names(module)}")
+
+
+def project_loldu_(module: nn.Module) -> None:
+    """Projected gradient descent: clamp sigma and z of every adapter into their bounds (after optimizer.step())."""
+    for _, layer in loldu_layers(module):
+        for adapter in layer.loldu_adapters.values():
+            adapter.project_()
+
+
+def _check_names(module: nn.Module, names: list[str]) -> None:
+    present = loldu_adapter_names(module)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"unknown LoLDU adapter(s) {missing}; present: {present}")
+
+
+def set_loldu_adapters(module: nn.Module, names: str | list[str], weights: float | list[float] | None = None) -> None:
+    """Make `names` the active adapters, each with a mixing weight (default 1.0)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if weights is not None and not isinstance(weights, (list, tuple)):
+        weights = [weights] * len(names)
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    _check_names(module, names)
+    for _, layer in loldu_layers(module):
+        if layer.loldu_merged:
+            raise RuntimeError("adapters are merged (fused); unmerge before changing the active adapters")
+        here = [(n, w) for n, w in zip(names, weights or [1.0] * len(names)) if n in layer.loldu_adapters]
+        layer.set_active([n for n, _ in here], [w for _, w in here])
+
+
+def get_loldu_adapters(module: nn.Module) -> dict[str, float]:
+    """Active adapters and their mixing weights."""
+    active: dict[str, float] = {}
+    for _, layer in loldu_layers(module):
+        active.update({n: layer.loldu_adapters[n].weight for n in layer.loldu_active})
+    return active
+
+
+def merge_loldu(module: nn.Module, adapter_names: list[str] | None = None, scale: float = 1.0) -> None:
+    """Fuse the active (or named) adapters into the base weights; inference then costs exactly the base."""
+    for _, layer in loldu_layers(module):
+        layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.loldu_adapters], scale)
+
+
+def unmerge_loldu(module: nn.Module) -> None:
+    """Undo every merge, restoring the base weights bit-exactly."""
+    for _, layer in loldu_layers(module):
+        layer.unmerge()
+
+
+def remove_loldu(module: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
+    """Delete adapters (default all); layers left with none become plain nn.Linear again, W0 untouched."""
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
+    if adapter_names is not None:
+        _check_names(module, adapter_names)
+    for name, layer in list(loldu_layers(module)):
+        for n in list(layer.loldu_adapters) if adapter_names is None else adapter_names:
+            if n in layer.loldu_adapters:
+                layer.delete_adapter(n)
+        if not layer.loldu_adapters:
+            _set_submodule(module, name, layer.to_linear())
+    return module
+
+
+@contextlib.contextmanager
+def loldu_scale(module: nn.Module, scale: float):
+    """Temporarily multiply every unmerged adapter's delta by `scale` (like LoRA's cross_attention_kwargs scale)."""
+    layers = [layer for _, layer in loldu_layers(module)]
+    old = [layer.loldu_runtime_scale for layer in layers]
+    for layer in layers:
+        layer.loldu_runtime_scale = float(scale)
+    try:
+        yield module
+    finally:
+        for layer, s in zip(layers, old):
+            layer.loldu_runtime_scale = s
+
+
+def count_loldu_parameters(module: nn.Module, adapter_name: str | None = None) -> int:
+    """Number of trainable LoLDU values: (r+1) per adapted layer, r with sigma frozen."""
+    return sum(p.numel() for p in loldu_parameters(module, adapter_name))
+
+
+@torch.no_grad()
+def cast_loldu_parameters(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Keep trainable z/sigma in `dtype` (fp32) after casting the frozen model to fp16/bf16 for mixed precision."""
+    for p in loldu_parameters(module):
+        p.data = p.data.to(dtype)
