@@ -7,6 +7,7 @@ from .config import INITS, LoLDUConfig
 from .decompose import LDUFactors, top_r_ldu
 from .io import LoadedAdapter, LoLDUBaseMismatchError, LoLDUFormatError, load_loldu, read_adapter_file, save_loldu
 from .layer import LoLDULinear
+from .presets import PRESETS, preset
 from .model import (
     add_loldu,
     cast_loldu_parameters,
