@@ -27,3 +27,13 @@ from .model import (
 )
 
 __version__ = "0.1.0"
+
+from .diffusers import (  # noqa: E402  (pipeline methods need the core above)
+    LOLDU_WEIGHT_NAME,
+    add_loldu_to_text_encoder,
+    add_loldu_to_unet,
+    export_lora,
+    register as _register_pipeline_methods,
+)
+
+_register_pipeline_methods()

@@ -1,0 +1,199 @@
+"""Stable Diffusion integration: pipeline methods, identity, mixing, fuse, export to LoRA, bad input."""
+import pytest
+import torch
+
+import loldu_sd
+from loldu_sd import LoLDUConfig, LoLDUFormatError, LoLDUBaseMismatchError
+from loldu_sd.diffusers import unet_target_layers
+
+pytest.importorskip("diffusers")
+from loldu_sd.testing import tiny_pipeline  # noqa: E402
+
+
+def images(pipe, seed=0, **kw):
+    kw.setdefault("num_inference_steps", 2)
+    out = pipe("a photo of sks toy", generator=torch.Generator().manual_seed(seed), output_type="np", **kw)
+    return torch.from_numpy(out.images)
+
+
+def randomise(module, name, std=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loldu_sd.loldu_parameters(module, name):
+            if p.ndim:
+                p.add_(torch.randn(p.shape, generator=g) * std * p.abs().mean())
+
+
+@pytest.fixture(scope="module")
+def base():
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, images(pipe)
+
+
+@pytest.fixture
+def pipe(base):
+    p, _ = base
+    yield p
+    p.unfuse_loldu()
+    p.unload_loldu_weights()
+
+
+def add(pipe, name, rank=4, text=False, seed=1):
+    cfg = LoLDUConfig(rank=rank)
+    loldu_sd.add_loldu_to_unet(pipe.unet, cfg, name)
+    if text:
+        loldu_sd.add_loldu_to_text_encoder(pipe.text_encoder, cfg, name)
+        randomise(pipe.text_encoder, name, seed=seed)
+    randomise(pipe.unet, name, seed=seed)
+
+
+def test_targets_are_every_attention_projection(base):
+    pipe, _ = base
+    names = unet_target_layers(pipe.unet)
+    n_attn = len(pipe.unet.attn_processors)
+    assert len(names) == 4 * n_attn and any(".attn2.to_k" in n for n in names)
+
+
+def test_identity_at_init_and_changed_z_changes_images(pipe, base):
+    loldu_sd.add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=4), "a")
+    loldu_sd.add_loldu_to_text_encoder(pipe.text_encoder, LoLDUConfig(rank=4), "a")
+    assert torch.equal(images(pipe), base[1])
+    randomise(pipe.unet, "a")
+    assert not torch.allclose(images(pipe), base[1], atol=1e-3)
+
+
+def test_save_unload_load_roundtrip(pipe, base, tmp_path):
+    add(pipe, "a", text=True)
+    ref = images(pipe)
+    path = pipe.save_loldu_weights(tmp_path)
+    assert path.name == "pytorch_loldu_weights.safetensors" and path.stat().st_size < 20_000
+    pipe.unload_loldu_weights()
+    assert torch.equal(images(pipe), base[1])
+    assert pipe.load_loldu_weights(tmp_path) == "a"
+    assert torch.equal(images(pipe), ref)
+    assert pipe.list_loldu_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
+
+
+def test_runtime_scale_matches_weight(pipe, base):
+    add(pipe, "a", text=True)
+    scaled = images(pipe, cross_attention_kwargs={"scale": 0.5})
+    pipe.set_loldu_adapters("a", 0.5)
+    assert torch.allclose(scaled, images(pipe), atol=1e-6)
+    pipe.set_loldu_adapters("a", 1.0)
+    assert not torch.allclose(scaled, images(pipe), atol=1e-4)
+    assert torch.equal(images(pipe, cross_attention_kwargs={"scale": 0.0}), base[1])
+
+
+def test_two_adapters_mix_as_weighted_sum(pipe, tmp_path):
+    add(pipe, "a", rank=4, seed=1)
+    add(pipe, "b", rank=8, seed=2)
+    pipe.set_loldu_adapters(["a", "b"], [0.7, 0.4])
+    assert pipe.get_loldu_adapters() == {"a": 0.7, "b": 0.4}
+    mixed = images(pipe)
+    # the same delta written as ONE adapter: merge 0.7*a + 0.4*b into the weights and compare
+    pipe.fuse_loldu()
+    assert torch.allclose(images(pipe), mixed, atol=1e-5)
+    pipe.unfuse_loldu()
+    pipe.delete_loldu_adapters("a")
+    assert pipe.list_loldu_adapters() == {"unet": ["b"]}
+
+
+def test_fuse_matches_and_unfuse_is_bit_exact(pipe, base):
+    add(pipe, "a", text=True)
+    unet_w = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "loldu" not in k}
+    ref = images(pipe)
+    pipe.fuse_loldu()
+    assert torch.allclose(images(pipe), ref, atol=1e-5)
+    pipe.unfuse_loldu()
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet_w.items())
+    pipe.unload_loldu_weights()
+    assert torch.equal(images(pipe), base[1])
+
+
+def test_load_after_fuse_is_supported(pipe, base, tmp_path):
+    add(pipe, "a")
+    pipe.save_loldu_weights(tmp_path / "a")
+    add(pipe, "b", seed=3)
+    pipe.set_loldu_adapters(["a", "b"])
+    both = images(pipe)
+    pipe.delete_loldu_adapters("a")
+    pipe.set_loldu_adapters("b")
+    pipe.fuse_loldu()
+    pipe.load_loldu_weights(tmp_path / "a")  # decomposed from the unfused base weights, added on top
+    assert torch.allclose(images(pipe), both, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_export_lora_loads_with_stock_diffusers(pipe, tmp_path, fmt):
+    pytest.importorskip("peft")
+    add(pipe, "a", text=True)
+    ref = images(pipe)
+    out = loldu_sd.export_lora(pipe, tmp_path / f"lora_{fmt}.safetensors", format=fmt)
+    pipe.unload_loldu_weights()
+    pipe.load_lora_weights(str(out), adapter_name="exported")
+    try:
+        assert torch.allclose(images(pipe), ref, atol=1e-4)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def test_every_attention_processor_gives_same_images(pipe):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+
+    add(pipe, "a")
+    ref = images(pipe)
+    try:
+        for proc in (AttnProcessor(), SlicedAttnProcessor(slice_size=1)):
+            pipe.unet.set_attn_processor(proc)
+            assert torch.allclose(images(pipe), ref, atol=1e-5), type(proc).__name__
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            pipe.enable_xformers_memory_efficient_attention()
+            assert torch.allclose(images(pipe), ref, atol=1e-3)
+    finally:
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_refuses_other_base_model_and_leaves_pipeline_unchanged(pipe, base, tmp_path):
+    other = tiny_pipeline(seed=1)
+    loldu_sd.add_loldu_to_unet(other.unet, LoLDUConfig(rank=4), "x")
+    other.save_loldu_weights(tmp_path)
+    with pytest.raises(LoLDUBaseMismatchError, match="different base model.*first mismatching layer"):
+        pipe.load_loldu_weights(tmp_path)
+    assert pipe.list_loldu_adapters() == {} and torch.equal(images(pipe), base[1])
+
+
+def test_refuses_missing_targets_name_collision_and_lora_files(pipe, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import json
+    from safetensors import safe_open
+
+    add(pipe, "a")
+    path = pipe.save_loldu_weights(tmp_path)
+    with pytest.raises(LoLDUFormatError, match="already loaded"):
+        pipe.load_loldu_weights(path)
+    # targets the pipeline does not have
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    layers = json.loads(meta["layers"])
+    layers["unet"][0][0] = "down_blocks.9.attentions.0.to_q"
+    meta["layers"] = json.dumps(layers)
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(LoLDUFormatError, match="down_blocks.9"):
+        pipe.load_loldu_weights(tmp_path / "bad.safetensors", adapter_name="z")
+    lora = loldu_sd.export_lora(pipe, tmp_path / "lora.safetensors")
+    with pytest.raises(LoLDUFormatError, match="LoRA file.*load_lora_weights"):
+        pipe.load_loldu_weights(lora, adapter_name="z")
+    assert pipe.list_loldu_adapters() == {"unet": ["a"]}
+
+
+def test_missing_local_path_and_offline_hub(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="no such adapter"):
+        pipe.load_loldu_weights(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache|Hub"):
+        pipe.load_loldu_weights("someone/some-loldu-adapter")
