@@ -30,7 +30,7 @@ class LDUFactors:
     z0: torch.Tensor  # (r,)
     A: torch.Tensor  # (r, n)
     pivots: torch.Tensor  # (r,) int64: original row index chosen as pivot at each step
-    weight_norm: float  # ||W0||_F of the (canonicalised) weight, for the fingerprint
+    weight_norm: float  # ||W0||_F of the weight as given (not canonicalised), for the fingerprint
 
 
 def _swaps_to_perm(piv: torch.Tensor, m: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def _canonicaliser(canonical_dtype: str | None, dtype: torch.dtype):
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         # an overflow would turn weights into inf, so such blocks keep their own precision
-        return (t.to(cdt) if t.abs().max() < limit else t).to(dtype)
+        return (t.to(cdt) if t.numel() == 0 or t.abs().max() < limit else t).to(dtype)  # empty: rank == in
 
     return cast
 
@@ -87,18 +87,20 @@ def top_r_ldu(
     U12 = torch.linalg.solve_triangular(L_panel[:rank], cast(W[perm[:rank], rank:]), upper=False, unitriangular=True)
     U_rows = torch.cat([U11, U12], dim=1)  # (r, n)
 
-    # 3. pivots; a (near-)zero pivot would divide by zero, so clamp it (documented in README)
+    # 3. pivots; a (near-)zero pivot would divide by zero, so clamp it (documented in README). A clamped pivot
+    # takes its row's max |u| (at least the floor): A's row then stays within [-1, 1] (a bare floor would give
+    # entries ~1e6..1e37, inf once cast to fp16), and B diag(z0) A is still exactly the top-r LU product.
     z0 = U11.diagonal().clone()
     floor = max(pivot_eps * float(z0.abs().max()), torch.finfo(dtype).tiny)
     tiny = z0.abs() < floor
     if tiny.any():
         warnings.warn(
             f"{name}: {int(tiny.sum())} of {rank} pivots are below {floor:.3g} (rank-deficient weight); clamped to "
-            f"+-{floor:.3g}. Consider a smaller rank for this layer.",
+            f"+-max(|row of U|, {floor:.3g}). Consider a smaller rank for this layer.",
             stacklevel=2,
         )
         sign = torch.where(z0 < 0, -1.0, 1.0).to(dtype)
-        z0 = torch.where(tiny, sign * floor, z0)
+        z0 = torch.where(tiny, sign * U_rows.abs().amax(dim=1).clamp(min=floor), z0)
     A = U_rows / z0[:, None]
 
     # 4. multipliers back in original row order: B = P L_panel

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoLDUConfig
-from .decompose import fingerprint
+from .decompose import fingerprint, top_r_ldu
 from .layer import LoLDULinear
 from .model import _set_submodule, add_loldu, loldu_adapter_names, loldu_layers
 
@@ -121,7 +121,8 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise FileNotFoundError(f"{path}: no such adapter file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    # safetensors: 8-byte header length, then '{'; that length's low byte may well be 0x80, so check '{' first
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise LoLDUFormatError(f"{path}: is a pickle/PyTorch checkpoint, not safetensors; LoLDU never unpickles "
                                "files (convert it with safetensors.torch.save_file)")
     try:
@@ -177,10 +178,11 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
             if rank != expected:
                 raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
                                        f"give {expected}")
-            probe = layer if isinstance(layer, LoLDULinear) else LoLDULinear.from_linear(layer)
-            factors = probe.factorise(config, rank, where)
-            if not isinstance(layer, LoLDULinear):  # from_linear froze the shared weights: give that back
-                layer.weight.requires_grad_(probe.weight.requires_grad)
+            if isinstance(layer, LoLDULinear):
+                factors = layer.factorise(config, rank, where)
+            else:  # decompose without wrapping: from_linear would freeze the weights of a model we may not change
+                factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.canonical_dtype,
+                                    config.pivot_eps, where)
             mine = fingerprint(factors)
             if (not math.isclose(mine[0], fp[i, 0], rel_tol=NORM_RTOL)
                     or not math.isclose(mine[1], fp[i, 1], rel_tol=Z0_RTOL)):

@@ -100,9 +100,9 @@ def set_loldu_adapters(module: nn.Module, names: str | list[str], weights: float
     if weights is not None and len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
     _check_names(module, names)
+    if any(layer.loldu_merged for _, layer in loldu_layers(module)):  # check first: no half-switched model
+        raise RuntimeError("adapters are merged (fused); unmerge before changing the active adapters")
     for _, layer in loldu_layers(module):
-        if layer.loldu_merged:
-            raise RuntimeError("adapters are merged (fused); unmerge before changing the active adapters")
         here = [(n, w) for n, w in zip(names, weights or [1.0] * len(names)) if n in layer.loldu_adapters]
         layer.set_active([n for n, _ in here], [w for _, w in here])
 

@@ -14,7 +14,11 @@ PRESETS: dict[str, list[str] | str] = {
     "bert-all": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
     # transformers < 5 names them attention.attention.query/value, transformers 5 attention.q_proj/v_proj
     "vit": ["attention.query", "attention.value", "attention.q_proj", "attention.v_proj"],
+    "vit-all": ["attention.query", "attention.key", "attention.value", "attention.output.dense",
+                "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"],
+    # paper Table VIII: q_proj and v_proj of LLaMA2-7B
     "llama": ["q_proj", "v_proj"],
+    "llama-all": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 

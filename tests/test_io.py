@@ -1,0 +1,343 @@
+"""Adapter files: round trip, size and metadata, every bad input (one-line error, model untouched), atomic saves."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import struct
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import loldu_sd.io
+from loldu_sd import (
+    LoLDUBaseMismatchError,
+    LoLDUConfig,
+    LoLDUFormatError,
+    LoLDULinear,
+    add_loldu,
+    get_loldu_adapters,
+    load_loldu,
+    loldu_adapter_names,
+    remove_loldu,
+    save_loldu,
+    set_loldu_adapters,
+)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.0"]
+
+
+def randomise(module, adapter_name):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, LoLDULinear) and adapter_name in m.loldu_adapters:
+                a = m.loldu_adapters[adapter_name]
+                a.z.mul_(1 + 0.5 * torch.randn(a.rank))
+                a.sigma.mul_(0.9)
+
+
+def read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def rewrite(src, dst, edit):
+    """Copy an adapter file, letting edit(tensors, metadata) change it on the way."""
+    tensors, meta = read(src)
+    edit(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def snapshot(module):
+    """Everything a failed load must leave alone."""
+    return ({k: v.clone() for k, v in module.state_dict().items()}, {n: type(m) for n, m in module.named_modules()},
+            [p.requires_grad for p in module.parameters()], loldu_adapter_names(module), get_loldu_adapters(module))
+
+
+def assert_unchanged(module, snap):
+    state, types, grads, names, active = snapshot(module)
+    assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k]) for k in state)
+    assert (types, grads, names, active) == snap[1:]
+
+
+def check_error(excinfo, path, *words):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    for w in words:
+        assert w.lower() in msg.lower(), (w, msg)
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_net):
+    """(trained net, adapter path, input, its output): adapter 'default' of rank 4 over 10 layers."""
+    net = tiny_net()
+    add_loldu(net, LoLDUConfig(rank=4, target_modules=TARGETS))
+    randomise(net, "default")
+    x = torch.randn(2, 5, 6)
+    path = save_loldu(tmp_path / "adapter.safetensors", net, metadata={"base_model": "tiny-seed0"})
+    return net, path, x, net(x).detach()
+
+
+@pytest.fixture
+def target(tiny_net):
+    """The same base (seed 0) carrying another trained adapter 'other', as a load target."""
+    net = tiny_net()
+    add_loldu(net, LoLDUConfig(rank=3, target_modules=["to_q", "ff.2"]), "other")
+    randomise(net, "other")
+    return net
+
+
+# ---- round trip, size, metadata -------------------------------------------------------------------------------------
+def test_save_remove_load_restores_identical_outputs(saved):
+    net, path, x, y = saved
+    remove_loldu(net)
+    assert not any(isinstance(m, LoLDULinear) for m in net.modules())
+    loaded = load_loldu(path, net)
+    assert loaded.name == "default" and loaded.metadata["base_model"] == "tiny-seed0"
+    assert loaded.config.to_dict() == LoLDUConfig(rank=4, target_modules=TARGETS).to_dict()
+    assert torch.equal(net(x), y)
+
+
+def test_save_remove_add_load_into_fresh_model(saved, tiny_net):
+    _, path, x, y = saved
+    fresh = tiny_net()
+    add_loldu(fresh, LoLDUConfig(rank=3, target_modules=["to_q", "to_v"]), "other")  # another adapter first
+    load_loldu(path, fresh)
+    set_loldu_adapters(fresh, "default")
+    assert torch.equal(fresh(x), y)
+    # under another name, next to the first copy
+    load_loldu(path, fresh, adapter_name="copy")
+    set_loldu_adapters(fresh, "copy")
+    assert torch.equal(fresh(x), y)
+    # next to a larger-rank adapter the nested factors come from a rank-6 LU: equal up to rounding
+    bigger = tiny_net()
+    add_loldu(bigger, LoLDUConfig(rank=6, target_modules=["to_q", "to_v"]), "other")
+    load_loldu(path, bigger)
+    set_loldu_adapters(bigger, "default")
+    torch.testing.assert_close(bigger(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_loads_onto_fp16_copy_of_the_base_without_warnings(saved, tiny_net):
+    _, path, x, y = saved
+    half = tiny_net(dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same canonical pivots: no drift warning
+        load_loldu(path, half)
+    torch.testing.assert_close(half(x.half()).float(), y, rtol=2e-2, atol=2e-2)
+
+
+def test_file_is_kilobytes_with_documented_metadata(tmp_path):
+    net = torch.nn.Sequential(*(torch.nn.Linear(48, 40) for _ in range(20)))
+    cfg = LoLDUConfig(rank=32, target_modules=r"\d+")
+    add_loldu(net, cfg)
+    path = save_loldu(tmp_path / "a.safetensors", net)
+    size = os.path.getsize(path)
+    assert size < 6_000, size  # 20 x 32 z + 20 sigma + 20 x 3 fingerprint + JSON header
+    tensors, meta = read(path)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()} == {
+        "loldu.z": (torch.float32, (640,)), "loldu.sigma": (torch.float32, (20,)),
+        "loldu.fingerprint": (torch.float32, (20, 3))}
+    assert meta["format"] == "loldu" and meta["format_version"] == str(loldu_sd.io.FORMAT_VERSION)
+    assert meta["adapter_name"] == "default"
+    assert LoLDUConfig.from_dict(json.loads(meta["config"])) == cfg
+    assert json.loads(meta["layers"]) == {"": [[str(i), 32] for i in range(20)]}
+
+
+def test_header_length_ending_in_0x80_is_not_mistaken_for_pickle(saved, tmp_path):
+    net, _, x, y = saved
+    for pad in range(0, 256, 8):  # find a header whose length's low byte is 0x80, the pickle magic
+        path = save_loldu(tmp_path / "b.safetensors", net, metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    remove_loldu(net)
+    load_loldu(path, net)
+    assert torch.equal(net(x), y)
+
+
+def test_save_unknown_adapter_is_refused(saved, tmp_path):
+    net = saved[0]
+    with pytest.raises(ValueError, match="no LoLDU adapter named 'nope'"):
+        save_loldu(tmp_path / "x.safetensors", net, "nope")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---- bad input: one clear line naming the file, model untouched ------------------------------------------------------
+def _edit_rank(tensors, meta):
+    """Consistent file (z length matches) whose second layer claims rank 3 instead of the config's 4."""
+    layers = json.loads(meta["layers"])
+    assert layers[""][1] == ["blocks.0.attn.to_k", 4]
+    layers[""][1][1] = 3
+    meta["layers"] = json.dumps(layers)
+    tensors["loldu.z"] = torch.cat([tensors["loldu.z"][:7], tensors["loldu.z"][8:]])
+
+
+def make_bad_file(case: str, tmp, src):
+    """Write the bad input `case` under tmp (src: a good adapter file) and return its path."""
+    path = tmp / f"{case}.safetensors"
+    if case == "lora_peft":
+        save_file({k: torch.randn(4, 8) for k in ("unet.up.to_q.lora_A.weight", "unet.up.to_q.lora_B.weight")}, path)
+    elif case == "lora_kohya":
+        save_file({"lora_unet_up_to_q.lora_down.weight": torch.randn(4, 8), "lora_unet_up_to_q.alpha": torch.ones(())},
+                  path)
+    elif case == "other_safetensors":
+        save_file({"weight": torch.randn(3)}, path, metadata={"format": "pt"})
+    elif case == "truncated":
+        path.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    elif case == "truncated_tail":
+        path.write_bytes(src.read_bytes()[:-4])
+    elif case == "garbage":
+        path.write_bytes(bytes(torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(3)).tolist()))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "rank_mismatch":
+        rewrite(src, path, _edit_rank)
+    elif case == "layers_vs_tensors":  # layer list edited alone: z no longer matches it
+        rewrite(src, path, lambda t, m: m.update(layers=m["layers"].replace("4]", "5]", 1)))
+    elif case == "bad_metadata_json":
+        rewrite(src, path, lambda t, m: m.update(config="{oops"))
+    elif case == "target_missing":
+        rename = "blocks.1.attn.to_v", "blocks.1.attn.to_x"
+        rewrite(src, path, lambda t, m: m.update(layers=m["layers"].replace(*rename)))
+    elif case == "nan_z":  # z[8:12] belongs to the third layer
+        rewrite(src, path, lambda t, m: t["loldu.z"].__setitem__(9, float("nan")))
+    elif case == "inf_sigma":
+        rewrite(src, path, lambda t, m: t["loldu.sigma"].__setitem__(4, float("inf")))
+    elif case == "newer_version":
+        rewrite(src, path, lambda t, m: m.update(format_version="99"))
+    elif case == "directory":
+        return tmp
+    return path  # "missing": never written
+
+
+BAD_FILES = {  # case: (error, words its message must hold)
+    "lora_peft": (LoLDUFormatError, ["LoRA", "load_lora_weights"]),
+    "lora_kohya": (LoLDUFormatError, ["LoRA", "load_lora_weights"]),
+    "other_safetensors": (LoLDUFormatError, ["not a LoLDU adapter"]),
+    "truncated": (LoLDUFormatError, ["truncated or corrupted"]),
+    "truncated_tail": (LoLDUFormatError, ["truncated or corrupted"]),
+    "garbage": (LoLDUFormatError, ["safetensors"]),
+    "empty": (LoLDUFormatError, ["safetensors"]),
+    "rank_mismatch": (LoLDUFormatError, ["rank mismatch at blocks.0.attn.to_k", "file has 3"]),
+    "layers_vs_tensors": (LoLDUFormatError, ["corrupted"]),
+    "bad_metadata_json": (LoLDUFormatError, ["corrupted LoLDU metadata"]),
+    "target_missing": (LoLDUFormatError, ["target layer blocks.1.attn.to_x does not exist"]),
+    "nan_z": (LoLDUFormatError, ["layer blocks.0.attn.to_v", "NaN/inf"]),
+    "inf_sigma": (LoLDUFormatError, ["layer blocks.0.ff.0", "NaN/inf"]),
+    "newer_version": (LoLDUFormatError, ["version 99 is newer", "upgrade"]),
+    "missing": (FileNotFoundError, ["no such adapter file"]),
+    "directory": (FileNotFoundError, ["no such adapter file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_raise_one_line_and_leave_model_unchanged(case, saved, target, tmp_path):
+    error, words = BAD_FILES[case]
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    path = make_bad_file(case, bad_dir, saved[1])
+    snap = snapshot(target)
+    with pytest.raises(error) as excinfo:
+        load_loldu(path, target)
+    check_error(excinfo, path, *words)
+    assert_unchanged(target, snap)
+
+
+def test_other_base_model_is_refused_naming_first_mismatching_layer(saved, target, tiny_net):
+    _, path, _, _ = saved
+    for net, first in ((tiny_net(seed=1), "blocks.0.attn.to_q"), (target, "blocks.1.attn.to_v")):
+        if net is target:  # same base except one layer
+            with torch.no_grad():
+                target.blocks[1].attn.to_v.weight.mul_(1.1)
+        snap = snapshot(net)
+        with pytest.raises(LoLDUBaseMismatchError) as excinfo:
+            load_loldu(path, net)
+        assert isinstance(excinfo.value, LoLDUFormatError)
+        check_error(excinfo, path, "different base model", f"first mismatching layer {first}")
+        assert_unchanged(net, snap)
+
+
+def test_missing_layer_in_a_smaller_model(saved, tiny_net):
+    _, path, _, _ = saved
+    net = tiny_net(n_blocks=1)
+    snap = snapshot(net)
+    with pytest.raises(LoLDUFormatError) as excinfo:
+        load_loldu(path, net)
+    check_error(excinfo, path, "blocks.1.attn.to_q does not exist")
+    assert_unchanged(net, snap)
+
+
+def test_adapter_name_already_loaded(saved, target):
+    _, path, _, _ = saved
+    load_loldu(path, target)
+    snap = snapshot(target)
+    with pytest.raises(LoLDUFormatError) as excinfo:
+        load_loldu(path, target)
+    check_error(excinfo, path, "'default' is already loaded")
+    with pytest.raises(LoLDUFormatError):
+        load_loldu(path, target, adapter_name="other")
+    assert_unchanged(target, snap)
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "protocol0"])
+def test_pickle_files_are_refused_and_never_unpickled(how, saved, target, tmp_path, monkeypatch):
+    net, _, _, _ = saved
+    path = tmp_path / "adapter.safetensors"  # a pickle disguised by its name
+    state = net.state_dict()
+    if how == "zip":
+        torch.save(state, path)
+    elif how == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps({"z": [1.0, 2.0]}, protocol=0))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something tried to unpickle the adapter file")
+
+    for obj, name in ((pickle, "Unpickler"), (pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(obj, name, forbidden)
+    snap = snapshot(target)
+    with pytest.raises(LoLDUFormatError) as excinfo:
+        load_loldu(path, target)
+    check_error(excinfo, path, *(["pickle", "never unpickles"] if how != "protocol0" else ["safetensors"]))
+    assert_unchanged(target, snap)
+
+
+# ---- atomic saves ---------------------------------------------------------------------------------------------------
+def test_full_disk_leaves_previous_file_intact(saved, monkeypatch):
+    net, path, _, _ = saved
+    before = path.read_bytes()
+    real = loldu_sd.io.save_file
+
+    def half_then_enospc(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(loldu_sd.io, "save_file", half_then_enospc)
+    randomise(net, "default")  # the new save would differ
+    with pytest.raises(OSError) as excinfo:
+        save_loldu(path, net)
+    assert excinfo.value.errno == errno.ENOSPC
+    check_error(excinfo, path, "could not write", "No space left")
+    assert path.read_bytes() == before
+    assert os.listdir(path.parent) == [path.name]  # no temp file left behind
+
+
+def test_overwrite_replaces_file_without_leftovers(saved):
+    net, path, x, _ = saved
+    randomise(net, "default")
+    y = net(x).detach()
+    save_loldu(path, net)
+    assert os.listdir(path.parent) == [path.name]
+    remove_loldu(net)
+    load_loldu(path, net)
+    assert torch.equal(net(x), y)
