@@ -127,17 +127,20 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                                "files (convert it with safetensors.torch.save_file)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta, keys = f.metadata() or {}, list(f.keys())
+            # only a LoLDU file's tensors are read: a multi-GB checkpoint passed by mistake is refused at once
+            tensors = {k: f.get_tensor(k) for k in keys} if meta.get("format") == FORMAT_NAME else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoLDUFormatError(f"{path}: not a readable safetensors file (truncated or corrupted: {e})") from None
     if meta.get("format") != FORMAT_NAME:
-        if any("lora" in k.lower() for k in tensors):
+        if any("lora" in k.lower() for k in keys):
             raise LoLDUFormatError(f"{path}: is a LoRA file, not a LoLDU adapter; load it with "
                                    "pipe.load_lora_weights(...) instead")
         raise LoLDUFormatError(f"{path}: not a LoLDU adapter (no format='loldu' in its metadata)")
-    version = meta.get("format_version", "?")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    version = meta.get("format_version", "")
+    if not version.isdigit():
+        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (format_version {version!r} is not a number)")
+    if int(version) > FORMAT_VERSION:
         raise LoLDUFormatError(f"{path}: LoLDU format version {version} is newer than this loldu-sd reads "
                                f"({FORMAT_VERSION}); upgrade loldu-sd")
     return tensors, meta
@@ -148,7 +151,9 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
     try:
         config = LoLDUConfig.from_dict(json.loads(meta["config"]))
         layers = json.loads(meta["layers"])
-    except (KeyError, ValueError, TypeError) as e:
+        if not isinstance(layers, dict):
+            raise TypeError("layers is not a JSON object")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({e})") from None
     plan, pivot_drift = [], []
     for comp, entries in layers.items():

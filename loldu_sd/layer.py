@@ -53,7 +53,7 @@ class LoLDUAdapter(nn.Module):
         self.register_buffer("sigma0", torch.tensor(config.sigma0), persistent=False)
         self.register_buffer("pivots", pivots.clone(), persistent=False)
         self.weight_norm = weight_norm
-        self.weight = 1.0  # mixing weight set by set_adapters
+        self.mix_weight = 1.0  # set by set_active: this adapter's share in a mix
 
     def diag(self) -> torch.Tensor:
         """s = sigma z - sigma0 z0 in float32: the diagonal of this adapter's delta."""
@@ -94,7 +94,8 @@ class LoLDULinear(nn.Linear):
         layer.loldu_active: list[str] = []
         layer.loldu_merged: list[str] = []
         layer.loldu_runtime_scale = 1.0
-        layer._loldu_original_weight: torch.Tensor | None = None  # W0 kept while merged: unmerge is bit-exact
+        # W0 kept while merged, so unmerge is bit-exact; a buffer, so that .to(device/dtype) after a merge moves it too
+        layer.register_buffer("_loldu_original_weight", None, persistent=False)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -145,7 +146,7 @@ class LoLDULinear(nn.Linear):
         """Activate `names` with mixing weights (default 1.0 each)."""
         weights = [1.0] * len(names) if weights is None else weights
         for n, w in zip(names, weights):
-            self.loldu_adapters[n].weight = float(w)
+            self.loldu_adapters[n].mix_weight = float(w)
         self.loldu_active = list(names)
 
     # ---- forward / merge ------------------------------------------------------------------------------------
@@ -157,10 +158,10 @@ class LoLDULinear(nn.Linear):
             return None
         adapters = [self.loldu_adapters[n] for n in names]
         if len(adapters) == 1:
-            return adapters[0].diag() * (adapters[0].weight * scale)
+            return adapters[0].diag() * (adapters[0].mix_weight * scale)
         s = torch.zeros(max(a.rank for a in adapters), device=self.weight.device)
         for a in adapters:
-            s[: a.rank] += a.diag() * (a.weight * scale)
+            s[: a.rank] += a.diag() * (a.mix_weight * scale)
         return s
 
     def delta_weight(self, names: list[str] | None = None, scale: float = 1.0) -> torch.Tensor:

@@ -21,7 +21,11 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 
 def find_targets(module: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the nn.Linear submodules of `module` matched by `targets`."""
-    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n and _matches(n, targets)]
+    # nn.MultiheadAttention reads out_proj.weight directly and never calls the layer: an adapter there does nothing
+    skip = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+    return [n for n, m in module.named_modules()
+            if isinstance(m, nn.Linear) and n and n not in skip and _matches(n, targets)]
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -111,7 +115,7 @@ def get_loldu_adapters(module: nn.Module) -> dict[str, float]:
     """Active adapters and their mixing weights."""
     active: dict[str, float] = {}
     for _, layer in loldu_layers(module):
-        active.update({n: layer.loldu_adapters[n].weight for n in layer.loldu_active})
+        active.update({n: layer.loldu_adapters[n].mix_weight for n in layer.loldu_active})
     return active
 
 

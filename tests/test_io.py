@@ -211,6 +211,8 @@ def make_bad_file(case: str, tmp, src):
         rewrite(src, path, lambda t, m: t["loldu.sigma"].__setitem__(4, float("inf")))
     elif case == "newer_version":
         rewrite(src, path, lambda t, m: m.update(format_version="99"))
+    elif case == "no_version":
+        rewrite(src, path, lambda t, m: m.pop("format_version"))
     elif case == "directory":
         return tmp
     return path  # "missing": never written
@@ -231,6 +233,7 @@ BAD_FILES = {  # case: (error, words its message must hold)
     "nan_z": (LoLDUFormatError, ["layer blocks.0.attn.to_v", "NaN/inf"]),
     "inf_sigma": (LoLDUFormatError, ["layer blocks.0.ff.0", "NaN/inf"]),
     "newer_version": (LoLDUFormatError, ["version 99 is newer", "upgrade"]),
+    "no_version": (LoLDUFormatError, ["format_version '' is not a number"]),
     "missing": (FileNotFoundError, ["no such adapter file"]),
     "directory": (FileNotFoundError, ["no such adapter file"]),
 }

@@ -193,6 +193,22 @@ def test_unmerge_is_bit_exact(dtype, tiny_net):
     set_loldu_adapters(net, ["a"])  # allowed again once unmerged
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_while_merged_then_unmerge_gives_the_cast_base(dtype, tiny_net):
+    net, base = tiny_net(), tiny_net(dtype=dtype)
+    add_loldu(net, LoLDUConfig(rank=4, target_modules=r".*"))
+    randomise(net, "default")
+    merge_loldu(net)
+    net.to(dtype)  # e.g. pipe.fuse_loldu(); pipe.to("cuda", torch.float16); pipe.unfuse_loldu()
+    unmerge_loldu(net)
+    params = dict(net.named_parameters())
+    for n, q in base.named_parameters():
+        assert params[n].dtype == dtype and torch.equal(params[n], q), n
+    remove_loldu(net)
+    x = torch.randn(2, 5, 6).to(dtype)
+    assert torch.equal(net(x), base(x))
+
+
 def test_merge_then_remove_restores_base(tiny_net):
     net, base = tiny_net(), tiny_net()
     add_loldu(net, LoLDUConfig(rank=4, target_modules=["to_q", "ff.2"]))
@@ -228,9 +244,9 @@ def test_refused_switch_after_partial_merge_changes_no_layer(tiny_net):
     add_loldu(net, LoLDUConfig(rank=2, target_modules=r".*"), "a")
     add_loldu(net, LoLDUConfig(rank=2, target_modules=["to_v"]), "b")
     merge_loldu(net, ["b"])  # only the to_v layers are merged; proj_in comes first and is not
-    active = {n: (list(m.loldu_active), [a.weight for a in m.loldu_adapters.values()])
+    active = {n: (list(m.loldu_active), [a.mix_weight for a in m.loldu_adapters.values()])
               for n, m in net.named_modules() if isinstance(m, LoLDULinear)}
     with pytest.raises(RuntimeError, match="unmerge before changing the active adapters"):
         set_loldu_adapters(net, ["a"], [0.3])
-    assert active == {n: (list(m.loldu_active), [a.weight for a in m.loldu_adapters.values()])
+    assert active == {n: (list(m.loldu_active), [a.mix_weight for a in m.loldu_adapters.values()])
                       for n, m in net.named_modules() if isinstance(m, LoLDULinear)}
