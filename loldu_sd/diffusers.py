@@ -246,7 +246,7 @@ class LoLDULoaderMixin:
         comps = _components(self)
         name = adapter_name or _single_adapter(comps)
         comps = {c: m for c, m in comps.items() if name in loldu_adapter_names(m)}
-        return save_pipeline_adapter(save_directory, comps, name, base_model=self.config._name_or_path or "",
+        return save_pipeline_adapter(save_directory, comps, name, base_model=getattr(self, "name_or_path", None) or self.config.get("_name_or_path", ""),
                                      weight_name=weight_name)
 
     def set_loldu_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:

@@ -37,6 +37,9 @@ def pipe(base):
     yield p
     p.unfuse_loldu()
     p.unload_loldu_weights()
+    # diffusers keeps the last cross_attention_kwargs scale in pipe._lora_scale and applies it to text-encoder LoRAs
+    # loaded later (load_lora_weights(lora_scale=self.lora_scale)); reset it so tests stay independent
+    p.__dict__.pop("_lora_scale", None)
 
 
 def add(pipe, name, rank=4, text=False, seed=1):

@@ -1,0 +1,97 @@
+"""`python -m eval {score,dreambooth}`: DreamBooth's DINO / CLIP-I / CLIP-T scores (see eval.scorer, eval.dreambooth).
+
+    python -m eval score --generated outs/dog --reference data/dog --prompts outs/dog/prompts.txt --out scores/dog
+    python -m eval dreambooth --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --subject dog --adapter outputs/dog --reference data/dog --with_base --out eval_dog
+
+`score` prompts: --prompt TEXT for every image, or --prompts FILE with one line per image in sorted filename order.
+Offline smoke runs: --backbones random-tiny (tiny random-weight models; the numbers are not meaningful).
+(The performance benchmark is a separate module: python -m eval.bench.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_score(args: argparse.Namespace) -> dict:
+    """`score`: score a folder of generated images against a folder of reference photos; print and write results."""
+    from .scorer import load_images, markdown_table, scorer_from_args, write_csv, write_json
+
+    images, paths = load_images(args.generated)
+    prompts = args.prompt if args.prompt is not None else read_prompts(args.prompts)
+    if isinstance(prompts, list) and len(prompts) != len(images):
+        raise ValueError(f"prompts file {args.prompts} has {len(prompts)} prompts but {args.generated} has "
+                         f"{len(images)} readable images; give one line per image, in sorted filename order "
+                         f"({paths[0].name} ... {paths[-1].name})")
+    scorer = scorer_from_args(args)
+    gen = scorer.embed_images(images, [p.name for p in paths])
+    result = scorer.score(gen, args.reference, prompts, unique_token=args.unique_token, identifier=args.identifier)
+    result.update(generated=str(args.generated), reference=str(args.reference))
+    cols = ["dino", "clip_i", "clip_t", "n_generated", "n_reference", "variant"]
+    print(markdown_table([result], cols, ["DINO", "CLIP-I", "CLIP-T", "generated", "reference", "variant"]))
+    if "note" in result:
+        print(f"\nNOTE: {result['note']}")
+    out = Path(args.out)
+    write_json(out / "scores.json", result)
+    write_csv(out / "scores.csv", [result], cols + ["identifier", "unique_token", "dino_backbone", "clip_backbone",
+                                                    "generated", "reference"])
+    per_image_cols = ["image", "prompt", "clip_t_text", "dino", "clip_i", "clip_t"]
+    write_csv(out / "per_image.csv", result["per_image"], per_image_cols)
+    print(f"\nwrote {out / 'scores.json'}, {out / 'scores.csv'}, {out / 'per_image.csv'}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m eval` parser with its two subcommands."""
+    from . import dreambooth
+    from .scorer import add_scorer_arguments
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="Score a folder of generated images.", formatter_class=fmt)
+    s.add_argument("--generated", required=True, help="Folder of generated images.")
+    s.add_argument("--reference", required=True, help="Folder of the subject's real photos.")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="The prompt of every generated image.")
+    g.add_argument("--prompts", help="File with one prompt per generated image (sorted filename order).")
+    s.add_argument("--unique_token", default="sks", help="Identifier that --identifier drop removes for CLIP-T.")
+    s.add_argument("--out", default="eval_scores", help="Folder for scores.json, scores.csv, per_image.csv.")
+    add_scorer_arguments(s)
+    d = sub.add_parser("dreambooth", help="Generate with adapters and score them (DreamBooth protocol).",
+                       description=dreambooth.__doc__, formatter_class=fmt)
+    dreambooth.add_arguments(d)
+    add_scorer_arguments(d)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 with a one-line error for bad input)."""
+    from .scorer import BackboneUnavailableError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            run_score(args)
+        else:
+            from .dreambooth import run
+
+            run(args)
+    except (ValueError, FileNotFoundError, KeyError, BackboneUnavailableError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
