@@ -1,9 +1,16 @@
 """Shared pytest fixtures: a fixed seed for every test and a tiny attention-style model with named Linear layers."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Tiny models: one thread is faster than two (no sync overhead) and immune to a busy machine's oversubscription.
+# The env var reaches the subprocesses the end-to-end tests start (accelerate launch, torchrun, the CLIs).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
