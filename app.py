@@ -1,0 +1,361 @@
+"""`python app.py`: LoLDU Studio, a Gradio app to train kilobyte adapters from a few images and generate with them.
+
+    python -m loldu_sd.testing --save tiny-sd      # a tiny offline pipeline, for a quick local try
+    python app.py --pretrained_model_name_or_path tiny-sd --library_dir library
+
+Only the UI lives here; the logic (library, shared pipeline, training jobs, validation) is in loldu_sd/studio.py.
+Nothing heavy happens at import: the model loads on first use.
+"""
+import argparse
+import base64
+import functools
+import html
+import io
+import logging
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from loldu_sd.studio import (
+    LIMITS,
+    AdapterLibrary,
+    MAX_IMAGES,
+    MAX_MIX,
+    GenerateRequest,
+    JobSnapshot,
+    Studio,
+    StudioError,
+    TrainRequest,
+    load_images,
+    suggest_instance_prompt,
+)
+
+CSS = """
+.loldu-bar {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0;}
+.loldu-bar > div {height: 100%; background: var(--color-accent); transition: width .3s;}
+.loldu-lib {width: 100%; border-collapse: collapse;}
+.loldu-lib td, .loldu-lib th {padding: 4px 8px; border-bottom: 1px solid var(--neutral-200); text-align: left;}
+.loldu-lib img {width: 64px; height: 64px; object-fit: cover; border-radius: 4px;}
+"""
+
+
+# ---- presentation helpers -----------------------------------------------------------------------------------------
+def _thumb_uri(path, size: int = 96) -> str:
+    """A small JPEG data URI of a library sample (no file serving needed)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def library_html(library: AdapterLibrary) -> str:
+    """The Library table: name, base model, rank, size in KB, creation time, sample image."""
+    rows = []
+    for a in library.list():
+        img = f'<img src="{_thumb_uri(a.sample)}" alt="sample">' if a.sample else "<i>no sample</i>"
+        note = f"<br><small>{html.escape(a.note)}</small>" if a.note else ""
+        rows.append(f"<tr data-adapter=\"{html.escape(a.name)}\"><td>{img}</td><td><b>{html.escape(a.name)}</b>"
+                    f"{note}</td><td>{html.escape(a.base_model)}</td><td>{a.rank or '?'}</td>"
+                    f"<td class='size'>{a.size_kb:.1f} KB</td><td>{a.created_str}</td></tr>")
+    if not rows:
+        return "<p id='library-empty'>The library is empty: train an adapter or import one below.</p>"
+    head = "<tr><th>sample</th><th>name</th><th>base model</th><th>rank</th><th>size</th><th>created</th></tr>"
+    return f"<table class='loldu-lib'>{head}{''.join(rows)}</table>"
+
+
+def status_html(snap: JobSnapshot | None = None, text: str = "") -> str:
+    """Progress bar and one status line for the Train tab."""
+    if snap is None:
+        return f"<div id='train-progress'><p>{html.escape(text)}</p></div>"
+    frac = snap.step / max(snap.total, 1)
+    loss = f" · loss {snap.losses[-1][1]:.4f}" if snap.losses else ""
+    speed = f" · {snap.seconds_per_step:.2f} s/step" if snap.seconds_per_step else ""
+    icon = {"done": "Done: ", "cancelled": "Cancelled: ", "failed": "Failed: "}.get(snap.state, "")
+    return (f"<div id='train-progress' data-state='{snap.state}'><div class='loldu-bar'>"
+            f"<div style='width:{100 * frac:.1f}%'></div></div>"
+            f"<p>step {snap.step}/{snap.total}{loss}{speed}</p><p>{icon}{html.escape(snap.message)}</p></div>")
+
+
+def loss_frame(snap: JobSnapshot | None) -> pd.DataFrame:
+    """The loss curve as the LinePlot wants it."""
+    frame = pd.DataFrame(snap.losses if snap else [], columns=["step", "loss"])
+    return frame.astype({"step": int, "loss": float})  # typed even when empty, or the plot treats them as labels
+
+
+
+
+_STUDIO: Studio | None = None  # set by build_demo; every session shares it
+
+
+def studio() -> Studio:
+    """The Studio this app serves."""
+    if _STUDIO is None:
+        raise RuntimeError("build_demo(studio) has not been called")
+    return _STUDIO
+
+
+def _error(e: Exception) -> gr.Error:
+    return gr.Error(str(e), print_exception=False)
+
+
+# ---- event handlers ---------------------------------------------------------------------------------------------
+def show_thumbnails(files):
+    """Decode the chosen images and show them; unreadable ones are named in a warning."""
+    good = []
+    for f in files or []:
+        try:
+            good += load_images([f], minimum=1)
+        except StudioError as e:
+            gr.Warning(str(e))
+    if len(files or []) > MAX_IMAGES:
+        gr.Warning(f"at most {MAX_IMAGES} images per run; remove {len(files) - MAX_IMAGES}")
+    return good
+
+
+def train_check(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name):
+    """Fast pre-queue check: validates the form, and tells the user when they will wait behind another job."""
+    req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
+    try:
+        req.validate(studio().library)
+    except StudioError as e:
+        raise _error(e) from None
+    if studio().training_busy():
+        return status_html(text="Another training job is running; you are queued and will start automatically "
+                                "when it finishes.")
+    return status_html(text="Starting...")
+
+
+def train(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name,
+          request: gr.Request):
+    """Run one training job (one at a time: Gradio's queue) and stream progress, loss curve and previews."""
+    req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
+    owner = request.session_hash if request else ""
+    try:  # StudioBusyError only for API callers that bypass the queue's concurrency limit
+        job = studio().start_training(req, owner=owner or "")
+    except StudioError as e:
+        raise _error(e) from None
+    snap = None
+    for snap in job.snapshots():
+        yield status_html(snap), loss_frame(snap), snap.previews
+    if snap is not None and snap.state == "failed":
+        gr.Warning(snap.message)
+
+
+def cancel(request: gr.Request):
+    """Stop this session's training job after its current step."""
+    if studio().cancel_training(owner=request.session_hash if request else None):
+        gr.Info("cancelling after the current step; the last checkpoint will be saved")
+    else:
+        gr.Warning("no training job of yours is running")
+
+
+def generate(prompt, negative, steps, guidance, seed, num_images, *mix):
+    """Generate images with the picked adapters mixed by weight."""
+    pairs = [(mix[i], mix[i + 1]) for i in range(0, len(mix), 2) if mix[i]]
+    try:
+        out = studio().generate(GenerateRequest(prompt, pairs, negative, steps, guidance, seed, num_images))
+    except StudioError as e:
+        raise _error(e) from None
+    used = ", ".join(f"{n} × {w:g}" for n, w in pairs) or "no adapter (base model)"
+    return out.images, (f"{len(out.images)} image(s) with {used} · adapters ready in "
+                        f"{1000 * out.switch_seconds:.0f} ms · denoising {out.seconds:.1f} s")
+
+
+def refresh(*picked):
+    """Re-read the library from disk: the table and every adapter dropdown (keeping valid selections)."""
+    names = studio().library.names()
+    keep = [p if p in names else None for p in picked]
+    return (library_html(studio().library), *[gr.update(choices=names, value=v) for v in keep])
+
+
+def _library_action(fn):
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except StudioError as e:
+            raise _error(e) from None
+    return wrapper
+
+
+@_library_action
+def download(name):
+    """A copy of the adapter file for the browser."""
+    if not name:
+        raise StudioError("pick an adapter first")
+    return str(studio().download_path(name)), f"{name}: ready to download"
+
+
+@_library_action
+def export_lora(name, fmt):
+    """The adapter as a standard LoRA file."""
+    if not name:
+        raise StudioError("pick an adapter first")
+    path = studio().export_lora(name, fmt)
+    return str(path), f"{name}: exported as a {fmt} LoRA ({path.stat().st_size / 1024:.1f} KB)"
+
+
+@_library_action
+def delete(name):
+    """Delete an adapter (the browser asked for confirmation)."""
+    if not name:
+        return None, "nothing deleted"
+    studio().delete_adapter(name)
+    return None, f"{name}: deleted"
+
+
+@_library_action
+def rename(name, new):
+    """Rename an adapter."""
+    if not name:
+        raise StudioError("pick an adapter first")
+    info = studio().rename_adapter(name, new)
+    return None, f"{name} renamed to {info.name}"
+
+
+@_library_action
+def import_adapter(upload, name):
+    """Validate an uploaded .safetensors adapter against the base model and add it to the library."""
+    if not upload:
+        raise StudioError("choose a .safetensors adapter file first")
+    info = studio().import_adapter(upload, name or None)
+    return None, f"imported {info.name} ({info.size_kb:.1f} KB, rank {info.rank})"
+
+
+# ---- layout -----------------------------------------------------------------------------------------------------
+def build_demo(studio_: Studio) -> gr.Blocks:
+    """The three-tab UI bound to one Studio."""
+    global _STUDIO
+    _STUDIO = studio_
+    with gr.Blocks(title="LoLDU Studio", analytics_enabled=False) as demo:
+        gr.Markdown(f"# LoLDU Studio\nKilobyte adapters for Stable Diffusion "
+                    f"([LoLDU](https://arxiv.org/abs/2410.13618)) · base model `{html.escape(studio_.base_model)}`")
+        with gr.Tab("Train", id="train"):
+            with gr.Row():
+                with gr.Column():
+                    files = gr.File(label=f"Concept images (3-5 work best, at most {MAX_IMAGES}; PNG/JPEG/WebP, "
+                                          "≤ 20 MB each)", file_count="multiple", file_types=["image"],
+                                    elem_id="train-images")
+                    thumbs = gr.Gallery(label="Your images", columns=5, height=150, interactive=False,
+                                        elem_id="train-thumbs")
+                    with gr.Row():
+                        noun = gr.Textbox(label="What is it? (class noun)", placeholder="robot", scale=2,
+                                          elem_id="class-noun")
+                        suggest = gr.Button("Suggest prompt", scale=1)
+                    instance_prompt = gr.Textbox(label="Instance prompt", placeholder="a photo of sks robot",
+                                                 elem_id="instance-prompt")
+                    class_prompt = gr.Textbox(label="Class prompt (optional: prior preservation)",
+                                              placeholder="a photo of a robot")
+                    name = gr.Textbox(label="Adapter name", placeholder="my-robot", elem_id="adapter-name")
+                    with gr.Accordion("Settings", open=False):
+                        steps = gr.Slider(*LIMITS.train_steps, value=100, step=1, label="Steps",
+                                          elem_id="train-steps")
+                        rank = gr.Slider(*LIMITS.rank, value=32, step=1, label="Rank")
+                        lr = gr.Number(value=5e-4, label="Learning rate", minimum=LIMITS.learning_rate[0],
+                                       maximum=LIMITS.learning_rate[1], elem_id="train-lr")
+                        seed = gr.Number(value=42, precision=0, label="Seed")
+                        every = gr.Slider(*LIMITS.validation_every, value=25, step=1, label="Preview every N steps",
+                                          elem_id="train-every")
+                    with gr.Row():
+                        start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                        stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+                with gr.Column():
+                    status = gr.HTML(status_html(text="Upload 3-5 images, write a prompt, press Start."),
+                                     elem_id="train-status")
+                    loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss",
+                                            height=240, elem_id="loss-plot")
+                    previews = gr.Gallery(label="Validation previews", columns=4, height=200,
+                                          elem_id="train-previews")
+        with gr.Tab("Generate", id="generate") as gen_tab:
+            slots = []
+            with gr.Row():
+                for i in range(MAX_MIX):
+                    with gr.Column(min_width=200):
+                        pick = gr.Dropdown(choices=[], value=None, label=f"Adapter {i + 1}",
+                                           allow_custom_value=True, elem_id=f"gen-adapter-{i}")
+                        weight = gr.Slider(*LIMITS.weight, value=1.0, step=0.05, label="weight")
+                        slots += [pick, weight]
+            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id="gen-prompt")
+            negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+            with gr.Row():
+                g_steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="gen-steps")
+                guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
+                g_seed = gr.Number(value=0, precision=0, label="Seed")
+                n_images = gr.Slider(*LIMITS.num_images, value=1, step=1, label="Images")
+            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id="gen-gallery")
+            g_status = gr.Markdown(elem_id="gen-status")
+        with gr.Tab("Library", id="library") as lib_tab:
+            lib_refresh = gr.Button("Refresh", size="sm")
+            table = gr.HTML(elem_id="library-table")
+            with gr.Row():
+                chosen = gr.Dropdown(choices=[], value=None, label="Adapter", allow_custom_value=True,
+                                     elem_id="lib-adapter")
+                new_name = gr.Textbox(label="New name")
+                fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="LoRA format")
+            with gr.Row():
+                dl = gr.Button("Download")
+                ren = gr.Button("Rename")
+                exp = gr.Button("Export as LoRA")
+                rm = gr.Button("Delete", variant="stop")
+            out_file = gr.File(label="Download / exported file", interactive=False, height=90)
+            with gr.Row():
+                upload = gr.File(label="Import a LoLDU adapter (.safetensors)", file_types=[".safetensors"])
+                import_name = gr.Textbox(label="Name (default: file name)")
+                imp = gr.Button("Import")
+            lib_status = gr.Markdown(elem_id="lib-status")
+
+        # ---- wiring ----
+        picks = [slots[i] for i in range(0, len(slots), 2)] + [chosen]
+        refresh_args = dict(fn=refresh, inputs=picks, outputs=[table, *picks], api_visibility="private")
+        files.change(show_thumbnails, files, thumbs, api_visibility="private")
+        suggest.click(suggest_instance_prompt, noun, instance_prompt, api_visibility="private")
+        train_inputs = [files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name]
+        start.click(train_check, train_inputs, status, api_visibility="private").success(
+            train, train_inputs, [status, loss_plot, previews], api_name="train",
+            concurrency_limit=1, concurrency_id="train", show_progress="minimal",
+            show_progress_on=[status]).then(**refresh_args)
+        stop.click(cancel, None, None, api_name="cancel", concurrency_limit=None)
+        go.click(generate, [prompt, negative, g_steps, guidance, g_seed, n_images, *slots],
+                 [gallery, g_status], api_name="generate", concurrency_limit=1, concurrency_id="generate")
+        gen_tab.select(**refresh_args)  # every session re-reads the shared library from disk
+        lib_tab.select(**refresh_args)
+        lib_refresh.click(**refresh_args)
+        demo.load(**refresh_args)
+        for button, fn, inputs, js in [
+            (dl, download, [chosen], None), (exp, export_lora, [chosen, fmt], None),
+            (rm, delete, [chosen], "(n) => (n && confirm('Delete adapter ' + n + '?')) ? n : ''"),
+            (ren, rename, [chosen, new_name], None), (imp, import_adapter, [upload, import_name], None)]:
+            button.click(fn, inputs, [out_file, lib_status], js=js,
+                         api_name=fn.__name__).then(**refresh_args)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="Hub id or local diffusers folder of the base model.")
+    p.add_argument("--library_dir", default="library", help="Folder of saved adapters (created if missing).")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="Also open a public Gradio share link (off by default).")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the studio."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo = build_demo(Studio(args.pretrained_model_name_or_path, args.library_dir, device=args.device))
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size="20mb",
+        footer_links=["api", "gradio"], css=CSS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""app.py in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright): upload, train, generate.
+
+Screenshots go to pytest's tmp dir, and also to $LOLDU_SCREENSHOT_DIR when set (docs/app.png comes from here).
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_app import CONCEPT, app_server  # noqa: F401  (the fixture: `python app.py` on the tiny pipeline)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                       reason=f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    """Full-page PNG in tmp_path, copied to $LOLDU_SCREENSHOT_DIR when that is set."""
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("LOLDU_SCREENSHOT_DIR"):
+        dest = Path(os.environ["LOLDU_SCREENSHOT_DIR"])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / name)
+    return path
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into the number box of a Gradio slider and commit it."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_upload_train_generate_in_chromium(app_server, tmp_path):  # noqa: F811
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, lib = app_server
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+
+            # Train: too few images is refused with one line; then 3 images, thumbnails, the prompt helper, 2 steps
+            uploads = page.locator("#train-images input[type=file]")
+            uploads.set_input_files([str(p) for p in CONCEPT[:2]])
+            expect(page.locator("#train-thumbs img")).to_have_count(2)
+            page.locator("#class-noun textarea").fill("robot")
+            page.get_by_role("button", name="Suggest prompt").click()
+            expect(page.locator("#instance-prompt textarea")).to_have_value("a photo of sks robot")
+            page.locator("#adapter-name textarea").fill("browser-robot")
+            page.locator("#train-start").click()
+            expect(page.get_by_text("upload at least 3 images of the concept (got 2)").first).to_be_visible()
+            assert "Traceback" not in page.content()
+            page.locator("#train-images button[aria-label='Clear']").first.click()
+            uploads.set_input_files([str(p) for p in CONCEPT[:3]])
+            expect(page.locator("#train-thumbs img")).to_have_count(3)
+            page.get_by_text("Settings").click()
+            set_number(page, "train-steps", 2)
+            set_number(page, "train-every", 2)  # previews: the final validation only (keeps the test fast)
+            page.locator("#train-lr input").fill("0.005")
+            page.locator("#train-start").click()
+            expect(page.locator("#train-progress[data-state=done]")).to_be_visible(timeout=180_000)
+            expect(page.locator("#train-progress")).to_contain_text("step 2/2")
+            expect(page.locator("#train-previews img").first).to_be_visible()
+            screenshot(page, tmp_path, "app.png")
+
+            # Generate: pick the new adapter, 1 image, 2 steps
+            page.get_by_role("tab", name="Generate").click()
+            pick = page.locator("#gen-adapter-0 input")
+            pick.click()
+            page.get_by_role("option", name="browser-robot").click()
+            page.locator("#gen-prompt textarea").fill("a photo of sks robot on the beach")
+            set_number(page, "gen-steps", 2)
+            page.locator("#gen-go").click()
+            expect(page.locator("#gen-gallery img")).to_have_count(1, timeout=120_000)
+            expect(page.locator("#gen-status")).to_contain_text("1 image(s) with browser-robot")
+            screenshot(page, tmp_path, "app_generate.png")
+
+            # Library: the adapter is listed with its size in KB
+            page.get_by_role("tab", name="Library").click()
+            row = page.locator("#library-table tr[data-adapter='browser-robot']")
+            expect(row).to_be_visible()
+            size = row.locator("td.size").inner_text()
+            assert re.fullmatch(r"\d+\.\d KB", size), size
+            kb = (lib / "browser-robot" / "pytorch_loldu_weights.safetensors").stat().st_size / 1024
+            assert size == f"{kb:.1f} KB"
+            screenshot(page, tmp_path, "app_library.png")
+        finally:
+            browser.close()

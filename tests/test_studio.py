@@ -1,0 +1,394 @@
+"""The studio logic behind app.py: names, uploads, library, generation with mixed adapters, import, export, jobs."""
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from loldu_sd import LoLDUConfig, save_loldu
+from loldu_sd.studio import (
+    WEIGHT_NAME,
+    AdapterLibrary,
+    GenerateRequest,
+    StudioError,
+    TrainingJob,
+    TrainRequest,
+    check_range,
+    load_images,
+    sanitize_name,
+    suggest_instance_prompt,
+)
+
+
+def png(path: Path, color=(200, 30, 30), size=(32, 32)) -> Path:
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    return [png(tmp_path / f"img{i}.png", (40 * i, 100, 200)) for i in range(3)]
+
+
+def tiny_adapter(path: Path, tiny_net, rank=2, base="tiny-net") -> Path:
+    from loldu_sd import add_loldu
+
+    net = add_loldu(tiny_net(), LoLDUConfig(rank=rank, target_modules=["to_q", "to_v"]), "default")
+    return save_loldu(path, net, metadata={"base_model": base})
+
+
+# ---- names, ranges, prompts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, clean", [("my robot", "my_robot"), ("../../etc/passwd", "etc_passwd"),
+                                        ("  dög-1 ", "d_g-1"), ("a" * 100, "a" * 64), ("C:\\x\\y", "C_x_y")])
+def test_sanitize_name(raw, clean):
+    assert sanitize_name(raw) == clean
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "../..", "///", None])
+def test_sanitize_name_rejects_empty(raw):
+    with pytest.raises(StudioError, match="adapter name"):
+        sanitize_name(raw)
+
+
+def test_check_range_and_prompt_suggestion():
+    assert check_range("steps", "12", (1, 20), integer=True) == 12
+    for bad in (0, 21, 2.5, "x", float("nan")):
+        with pytest.raises(StudioError, match="steps"):
+            check_range("steps", bad, (1, 20), integer=True)
+    assert suggest_instance_prompt(" teddy  bear ") == "a photo of sks teddy bear"
+    assert suggest_instance_prompt("") == "a photo of sks object"
+
+
+# ---- uploads ---------------------------------------------------------------------------------------------------
+def test_load_images_decodes_by_content_not_extension(tmp_path, images):
+    disguised = tmp_path / "photo.txt"  # a real PNG with a wrong extension is fine
+    disguised.write_bytes(images[0].read_bytes())
+    out = load_images([*images[1:], disguised])
+    assert len(out) == 3 and all(im.mode == "RGB" for im in out)
+    fake = tmp_path / "fake.png"  # text with an image extension is not
+    fake.write_text("definitely not a png")
+    with pytest.raises(StudioError, match="fake.png: not a readable image"):
+        load_images([*images[:2], fake])
+
+
+def test_load_images_rejects_truncated_count_and_size(tmp_path, images):
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(images[0].read_bytes()[:60])
+    with pytest.raises(StudioError, match="trunc.png"):
+        load_images([*images[:2], trunc])
+    with pytest.raises(StudioError, match="at least 3"):
+        load_images(images[:2])
+    with pytest.raises(StudioError, match="at most 10"):
+        load_images(images * 4)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:  # 21 MB: rejected before decoding
+        f.write(images[0].read_bytes())
+        f.truncate(21 * 2**20)
+    with pytest.raises(StudioError, match="big.png: 21.0 MB is over the 20 MB"):
+        load_images([*images[:2], big])
+
+
+def test_load_images_refuses_formats_pil_would_shell_out_for(tmp_path, images):
+    eps = tmp_path / "x.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    with pytest.raises(StudioError, match="x.png: not a readable image"):
+        load_images([*images[:2], eps])
+
+
+def test_load_images_applies_exif_rotation(tmp_path, images):
+    im = Image.new("RGB", (40, 20), (0, 255, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 on display
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_images([*images[:2], tmp_path / "rot.jpg"])[2].size == (20, 40)
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+def test_train_request_validation(tmp_path, images):
+    ok = TrainRequest(images=[str(p) for p in images], instance_prompt=" a photo of  sks robot ", name="my robot",
+                      steps=2, rank=4)
+    assert len(ok.validate()) == 3 and ok.name == "my_robot" and ok.instance_prompt == "a photo of sks robot"
+    for change, msg in [({"instance_prompt": "  "}, "instance prompt is empty"), ({"steps": 0}, "training steps"),
+                        ({"steps": 10**6}, "training steps"), ({"rank": 0}, "rank"),
+                        ({"learning_rate": 5.0}, "learning rate"), ({"name": "!!"}, "adapter name"),
+                        ({"images": [str(images[0])]}, "at least 3")]:
+        req = TrainRequest(**{**ok.__dict__, **change})
+        with pytest.raises(StudioError, match=msg):
+            req.validate()
+
+
+def test_generate_request_validation():
+    req = GenerateRequest(" hi ", [("a", 1.0), ("", 0.5), ("b", 0.0)], steps="3").validated()
+    assert req.prompt == "hi" and req.adapters == [("a", 1.0)] and req.steps == 3
+    for kw, msg in [({"prompt": " "}, "prompt is empty"), ({"steps": 0}, "steps"), ({"guidance": 99}, "guidance"),
+                    ({"num_images": 9}, "number of images"), ({"adapters": [("a", 1), ("a", 2)]}, "picked twice"),
+                    ({"adapters": [("a", 5.0)]}, "weight of a"), ({"seed": -1}, "seed")]:
+        with pytest.raises(StudioError, match=msg):
+            GenerateRequest(**{"prompt": "x", **kw}).validated()
+
+
+# ---- library ----------------------------------------------------------------------------------------------------
+def test_library_add_list_rename_delete(tmp_path, tiny_net):
+    lib = AdapterLibrary(tmp_path / "lib")
+    src = tiny_adapter(tmp_path / "a.safetensors", tiny_net, rank=2)
+    info = lib.add("first one", src, Image.new("RGB", (8, 8)), extra={"instance_prompt": "a photo of sks x"})
+    assert info.name == "first_one" and info.rank == 2 and info.base_model == "tiny-net"
+    assert info.size_kb == pytest.approx(src.stat().st_size / 1024) and info.sample is not None
+    assert info.instance_prompt == "a photo of sks x" and len(info.created_str) == 16
+    time.sleep(0.01)
+    lib.add("second", src)
+    assert [a.name for a in lib.list()] == ["second", "first_one"]  # newest first
+    with pytest.raises(StudioError, match="already exists"):
+        lib.add("second", src)
+    with pytest.raises(StudioError, match="already exists"):
+        lib.rename("first_one", "second")
+    assert lib.rename("first_one", "renamed").name == "renamed"
+    lib.delete("renamed")
+    assert lib.names() == ["second"]
+    with pytest.raises(StudioError, match="no adapter named"):
+        lib.delete("renamed")
+    dl = lib.copy_out("second", tmp_path / "dl")
+    assert dl.name == "second.safetensors" and dl.read_bytes() == src.read_bytes()
+
+
+def test_library_paths_stay_inside(tmp_path, tiny_net):
+    lib = AdapterLibrary(tmp_path / "lib")
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    tiny_adapter(outside / WEIGHT_NAME, tiny_net)
+    assert lib.path("../secret").parent == lib.root  # sanitised to a plain child name
+    (lib.root / "link").symlink_to(outside)  # a symlink planted in the library is not followed out
+    with pytest.raises(StudioError, match="outside the library"):
+        lib.info("link")
+    assert "link" in lib.names() and lib.list() == []  # listed names are filtered by info(): skipped
+    (lib.root / ".jobs").mkdir()
+    assert ".jobs" not in lib.names()
+
+
+def test_library_skips_broken_entries(tmp_path, tiny_net):
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.add("good", tiny_adapter(tmp_path / "a.safetensors", tiny_net))
+    (lib.root / "broken").mkdir()
+    (lib.root / "broken" / WEIGHT_NAME).write_bytes(b"garbage")
+    (lib.root / "good" / "info.json").write_text("{not json")  # a bad sidecar falls back to file times
+    assert [a.name for a in lib.list()] == ["good"]
+
+
+# ---- training job state -----------------------------------------------------------------------------------------
+def test_training_job_snapshots_and_cancel(images):
+    job = TrainingJob(TrainRequest([str(p) for p in images], "p", "n", steps=3), owner="me", images=[])
+    seen = []
+
+    def consume():
+        seen.extend(job.snapshots(interval=0.01))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    for step in (1, 2):
+        job.on_step(step, 0.5 / step)
+        time.sleep(0.03)
+    job.cancel()
+    assert job.should_stop()
+    job.update(state="cancelled", message="cancelled at step 2/3")
+    t.join(5)
+    assert not t.is_alive() and seen[-1].state == "cancelled" and seen[-1].finished
+    assert seen[-1].losses == [(1, 0.5), (2, 0.25)]
+
+
+# ---- the shared pipeline: generation, mixing, import, export ----------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A saved tiny pipeline (seed 0) and adapter files trained on it (made by randomising z)."""
+    from diffusers import DiffusionPipeline
+
+    from loldu_sd import add_loldu_to_unet, loldu_parameters
+    from loldu_sd.testing import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = save_tiny_pipeline(root / "tiny-sd", seed=0)
+    pipe = DiffusionPipeline.from_pretrained(base)
+    files = {}
+    for i, name in enumerate(["a", "b"]):
+        add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=4), name)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in loldu_parameters(pipe.unet, name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.abs().mean())
+        files[name] = pipe.save_loldu_weights(root / name, adapter_name=name)
+    return base, files
+
+
+@pytest.fixture
+def studio(tiny_sd, tmp_path):
+    from loldu_sd.studio import Studio
+
+    s = Studio(tiny_sd[0], tmp_path / "library", device="cpu", sample_steps=1, scratch_dir=tmp_path / "scratch")
+    for name, path in tiny_sd[1].items():
+        s.library.add(name, path)
+    return s
+
+
+def pixels(images):
+    return torch.stack([torch.from_numpy(__import__("numpy").asarray(im, dtype="float32")) for im in images])
+
+
+def test_generate_mixes_and_switches_without_reloading(studio):
+    run = lambda *mix: pixels(studio.generate(GenerateRequest("a photo of sks toy", list(mix), steps=1)).images)  # noqa
+    base, a, b = run(), run(("a", 1.0)), run(("b", 1.0))
+    pipe = studio.pipeline()
+    assert not torch.equal(base, a) and not torch.equal(a, b)
+    assert studio.loaded_adapters() == ["a", "b"]
+    assert torch.equal(run(("a", 1.0)), a) and torch.equal(run(), base)  # switching back is exact
+    assert torch.equal(run(("a", 0.0)), base)  # weight 0 drops the adapter
+    mix = run(("a", 1.0), ("b", 0.5))
+    assert not torch.equal(mix, a) and not torch.equal(mix, b)
+    assert pipe.get_loldu_adapters() == {studio._loaded["a"][1]: 1.0, studio._loaded["b"][1]: 0.5}
+    assert studio.pipeline() is pipe  # one pipeline, never reloaded
+    gen = studio.generate(GenerateRequest("x", [("b", 1.0), ("a", 1.0)], steps=1))
+    assert gen.switch_seconds < 0.5 and gen.seconds > 0  # cached adapters: switching is a pointer swap
+    assert base.shape[:3] == (1, studio.resolution, studio.resolution)
+
+
+def test_cache_follows_the_library_on_disk(studio, tiny_sd):
+    studio.generate(GenerateRequest("x", [("a", 1.0)], steps=1))
+    internal = studio._loaded["a"][1]
+    studio.rename_adapter("a", "renamed")
+    studio.generate(GenerateRequest("x", [("renamed", 1.0)], steps=1))
+    assert studio.loaded_adapters() == ["renamed"]  # the old name was evicted from the pipeline
+    assert internal not in studio.pipeline().get_loldu_adapters()
+    studio.delete_adapter("renamed")
+    with pytest.raises(StudioError, match="no adapter named 'renamed'"):
+        studio.generate(GenerateRequest("x", [("renamed", 1.0)], steps=1))
+    studio.generate(GenerateRequest("x", steps=1))
+    assert studio.loaded_adapters() == [] and not studio.pipeline().list_loldu_adapters()
+
+
+def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
+    from loldu_sd import add_loldu_to_unet
+    from loldu_sd.testing import tiny_pipeline
+
+    info = studio.import_adapter(tiny_sd[1]["a"], "imported a")
+    assert info.name == "imported_a" and info.sample is not None and info.rank == 4
+    other = tiny_pipeline(seed=1)  # a different base model
+    add_loldu_to_unet(other.unet, LoLDUConfig(rank=4), "x")
+    foreign = save_loldu(tmp_path / "foreign.safetensors", {"unet": other.unet}, "x")
+    lora = studio.export_lora("a")
+    pipe = studio.pipeline()
+    before = pipe.list_loldu_adapters()
+    pickled = tmp_path / "adapter.bin"
+    torch.save({"z": torch.zeros(3)}, pickled)
+    disguised = tmp_path / "pickle.safetensors"
+    disguised.write_bytes(pickled.read_bytes())
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    for path, msg in [(foreign, "different base model"), (lora, "is a LoRA file"), (pickled, "must be .safetensors"),
+                      (disguised, "pickle"), (garbage, "rejected"), (plain, "not a LoLDU adapter")]:
+        with pytest.raises(StudioError, match=msg) as err:
+            studio.import_adapter(path, "bad")
+        assert str(tmp_path) not in str(err.value)  # messages name the file, not server paths
+    assert pipe.list_loldu_adapters() == before and not studio.library.exists("bad")
+    with pytest.raises(StudioError, match="already exists"):
+        studio.import_adapter(tiny_sd[1]["a"], "a")
+
+
+def test_export_lora_and_download(studio, tiny_sd):
+    from safetensors import safe_open
+
+    for fmt, key in [("diffusers", ".lora_A.weight"), ("kohya", ".lora_down.weight")]:
+        path = studio.export_lora("b", fmt)
+        assert path.name == "b.lora.safetensors" and path.is_relative_to(studio.scratch)
+        with safe_open(str(path), "pt") as f:
+            assert f.keys() and all(k.startswith(("unet.", "lora_unet_")) for k in f.keys())
+            assert any(k.endswith(key) for k in f.keys()) and f.metadata()["loldu_adapter"] == "b"
+    dl = studio.download_path("b")
+    assert dl.name == "b.safetensors" and dl.read_bytes() == tiny_sd[1]["b"].read_bytes()
+    with pytest.raises(StudioError, match="LoRA format"):
+        studio.export_lora("b", "ckpt")
+
+
+# ---- training jobs (the real trainer, 64 px, a few steps, no previews) -------------------------------------------
+CONCEPT = sorted((Path(__file__).resolve().parents[1] / "assets" / "concept").glob("*.png"))
+
+
+def wait(job, timeout=300):
+    for snap in job.snapshots(interval=0.05):
+        if snap.finished:
+            return snap
+    raise AssertionError("unreachable")
+
+
+def request(name, steps=2, **kw):
+    return TrainRequest([str(p) for p in CONCEPT[:3]], "a photo of sks robot", name, steps=steps, rank=4,
+                        learning_rate=5e-3, seed=0, **kw)
+
+
+def test_training_job_saves_into_the_library(studio):
+    from loldu_sd.studio import StudioBusyError
+
+    studio.preview_images = 0
+    job = studio.start_training(request("robot", class_prompt="a photo of a robot", num_class_images=1), owner="s1")
+    assert studio.training_busy()
+    with pytest.raises(StudioBusyError, match="another training job is running"):
+        studio.start_training(request("other"))
+    assert not studio.cancel_training(owner="s2")  # only the owner may cancel
+    snap = wait(job)
+    assert snap.state == "done" and snap.step == 2 and [s for s, _ in snap.losses] == [1, 2], snap.message
+    assert not studio.training_busy() and snap.adapter.name == "robot"
+    info = studio.library.info("robot")
+    assert info.rank == 4 and info.sample is not None and info.instance_prompt == "a photo of sks robot"
+    assert len(list((studio.library.root / ".class_images").glob("*/*.png"))) == 1  # cached for the next run
+    assert not (studio.library.root / ".jobs" / job.id).exists()
+    studio.generate(GenerateRequest("a photo of sks robot", [("robot", 1.0)], steps=1))  # loads in the shared pipe
+
+
+def test_cancel_keeps_the_last_checkpoint(studio):
+    studio.preview_images = 0
+    job = studio.start_training(request("cancelled", steps=500, validation_every=1000), owner="me")
+    for snap in job.snapshots(interval=0.05):
+        if snap.step >= 1:
+            assert studio.cancel_training(owner="me")
+            break
+    snap = wait(job)
+    assert snap.state == "cancelled" and 1 <= snap.step < 500 and "kept the last checkpoint" in snap.message
+    info = studio.library.info("cancelled")
+    assert info.note.startswith("cancelled at step") and not studio.training_busy()
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(studio, monkeypatch):
+    from loldu_sd import training
+
+    real, calls = training.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):  # steps 1-2 train normally, step 3 diverges
+        calls.append(1)
+        parts = real(*args, **kwargs)
+        return parts if len(calls) <= 2 else [p * float("nan") for p in parts]
+
+    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    studio.preview_images = 0
+    snap = wait(studio.start_training(request("diverged", steps=5, validation_every=2)))
+    assert snap.state == "failed" and "the loss is nan" in snap.message and "lower the learning rate" in snap.message
+    assert "kept the last good checkpoint" in snap.message and studio.library.exists("diverged")
+    assert "Traceback" not in snap.message and str(studio.library.root) not in snap.message
+    calls.clear()
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
+    snap = wait(studio.start_training(request("nan-at-once", steps=3)))
+    assert snap.state == "failed" and snap.message.endswith("nothing was saved")
+    assert not studio.library.exists("nan-at-once") and not studio.training_busy()
+
+
+def test_unexpected_trainer_error_is_one_line(studio, monkeypatch):
+    import loldu_sd.studio as studio_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(studio_module, "run_trainer", boom)
+    snap = wait(studio.start_training(request("x")))
+    assert snap.state == "failed" and snap.message == "training failed: RuntimeError: CUDA out of memory."
+    assert not studio.training_busy() and not studio.library.exists("x")

@@ -1,0 +1,247 @@
+"""End-to-end DreamBooth training on the tiny offline pipeline at 64 px with the robot in assets/concept.
+
+Two real launches (accelerate launch, torchrun with 2 CPU processes); every other run is in-process through
+train_dreambooth(parse_args([...])), which is what the studio calls. One torch thread everywhere: the runs are tiny,
+and threads fighting over 2 shared cores cost 10x.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+
+pytest.importorskip("diffusers")
+import loldu_sd  # noqa: E402
+from loldu_sd import training  # noqa: E402
+from loldu_sd.testing import save_tiny_pipeline, tiny_pipeline  # noqa: E402
+from loldu_sd.training import TrainingCallbacks, TrainingError, parse_args, train_dreambooth  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPT = ROOT / "assets" / "concept"
+PROMPT = "a photo of sks robot"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-sd", seed=0)
+
+
+def cli(tiny_sd, out, *extra):
+    """Flags of a quick run: 64 px, no validation, no tensorboard, no checkpoints unless asked."""
+    return ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(CONCEPT),
+            "--instance_prompt", PROMPT, "--resolution", "64", "--output_dir", str(out), "--report_to", "none",
+            "--num_validation_images", "0", "--checkpointing_steps", "1000", "--validation_inference_steps", "3",
+            *extra]
+
+
+def train(tiny_sd, out, *extra, callbacks=None):
+    return train_dreambooth(parse_args(cli(tiny_sd, out, *extra)), callbacks)
+
+
+def tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def generate(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    return torch.from_numpy(out.images)
+
+
+def test_accelerate_launch_end_to_end(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(ROOT / "train_dreambooth_loldu.py"),
+           *cli(tiny_sd, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "2",
+                "--num_validation_images", "2", "--report_to", "tensorboard", "--learning_rate", "5e-3")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"4/4 .*loss=\d\.\d+, lr=", proc.stderr)  # tqdm bar with loss and lr
+
+    weights = out / "pytorch_loldu_weights.safetensors"
+    t, meta = tensors(weights)
+    assert set(t) == {"unet.loldu.z", "unet.loldu.sigma", "unet.loldu.fingerprint"}
+    assert meta["format"] == "loldu" and meta["base_model"] == str(tiny_sd) and meta["instance_prompt"] == PROMPT
+    assert json.loads(meta["config"])["rank"] == 32 and meta["training_steps"] == "4"
+    size_kb = weights.stat().st_size / 1024
+    assert size_kb < 20
+
+    pipe = tiny_pipeline(seed=0)
+    base = generate(pipe)
+    pipe.load_loldu_weights(out)
+    assert not torch.allclose(generate(pipe), base, atol=1e-3)
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(tiny_sd) and front["instance_prompt"] == PROMPT
+    assert {"loldu", "text-to-image", "diffusers", "stable-diffusion"} <= set(front["tags"])
+    assert [w["output"]["url"] for w in front["widget"]] == ["image_0.png", "image_1.png"]
+    assert f"{size_kb:.1f} KB" in card and "| rank / alpha | 32 / 32 |" in card and "validation_grid.png" in card
+    for png in ("validation_grid.png", "loss_curve.png", "image_0.png", "image_1.png"):
+        with Image.open(out / png) as im:
+            assert im.width >= 64, png
+    with Image.open(out / "validation_grid.png") as im:
+        assert im.size == (128, 64)
+    for step in (2, 4):  # adapter + optimizer + scheduler + RNG + step; never the frozen UNet
+        files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert {"pytorch_loldu_weights.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl",
+                "random_states_0.pkl", "training_state.json"} <= files
+        assert not any(f.startswith("model") for f in files)
+        assert json.loads((out / f"checkpoint-{step}" / "training_state.json").read_text())["global_step"] == step
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_prior_preservation_generates_class_images(tiny_sd, tmp_path):
+    class_dir = tmp_path / "class"
+    (class_dir).mkdir()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(class_dir / "mine.png")  # one already there: 2 more are generated
+    result = train(tiny_sd, tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(class_dir),
+                   "--class_prompt", "a photo of a robot", "--num_class_images", "3", "--sample_batch_size", "2",
+                   "--max_train_steps", "2")
+    generated = sorted(p.name for p in class_dir.iterdir() if p.name != "mine.png")
+    assert len(generated) == 2 and all(re.fullmatch(r"0000[12]-[0-9a-f]{12}\.png", n) for n in generated)
+    with Image.open(class_dir / generated[0]) as im:
+        assert im.size == (64, 64)
+    assert result.steps == 2 and result.adapter_path.is_file()
+    assert "prior preservation | 'a photo of a robot', 3 images" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_text_encoder_with_gradient_checkpointing_is_trained_saved_and_validated(tiny_sd, tmp_path):
+    previews = []
+    result = train(tiny_sd, tmp_path / "out", "--train_text_encoder", "--gradient_checkpointing", "--max_train_steps",
+                   "2", "--learning_rate", "5e-3", "--num_validation_images", "1", "--validation_steps", "1",
+                   callbacks=TrainingCallbacks(on_validation=lambda step, images: previews.append((step, images))))
+    assert [(step, len(images), images[0].size) for step, images in previews] == [(1, 1, (64, 64)), (2, 1, (64, 64))]
+    t, meta = tensors(result.adapter_path)
+    assert {"text_encoder.loldu.z", "text_encoder.loldu.sigma"} <= set(t)
+    assert {n.rsplit(".", 1)[-1] for n, _ in json.loads(meta["layers"])["text_encoder"]} == \
+        {"q_proj", "k_proj", "v_proj", "out_proj"}
+    pipe = tiny_pipeline(seed=0)
+    pipe.load_loldu_weights(result.adapter_path)
+    deltas = [layer.delta_weight().abs().max() for _, layer in loldu_sd.loldu_layers(pipe.text_encoder)]
+    assert len(deltas) == 8 and min(deltas) > 0  # every adapted text-encoder layer moved
+    assert min(layer.delta_weight().abs().max() for _, layer in loldu_sd.loldu_layers(pipe.unet)) > 0
+
+
+def test_resume_after_2_steps_equals_4_straight_steps(tiny_sd, tmp_path):
+    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip", "--train_batch_size", "2",
+             "--learning_rate", "5e-3", "--lr_warmup_steps", "3")
+    steps = []
+    first = train(tiny_sd, tmp_path / "a", *extra, callbacks=TrainingCallbacks(
+        on_step=lambda s, loss: steps.append(s), should_stop=lambda: len(steps) >= 2))
+    assert first.cancelled and first.steps == 2 and first.checkpoint.name == "checkpoint-2"
+    (tmp_path / "a" / "checkpoint-3.tmp-dead").mkdir()  # a save killed midway: 'latest' must not pick it
+    resumed = train(tiny_sd, tmp_path / "a", *extra, "--resume_from_checkpoint", "latest")
+    straight = train(tiny_sd, tmp_path / "b", *extra)
+    assert resumed.steps == straight.steps == 4 and not (tmp_path / "a" / "checkpoint-3.tmp-dead").exists()
+    a, _ = tensors(resumed.adapter_path)
+    b, _ = tensors(straight.adapter_path)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert resumed.losses == straight.losses  # steps 1-2 restored from the checkpoint, 3-4 recomputed
+    at2, _ = tensors(tmp_path / "a" / "checkpoint-2" / "pytorch_loldu_weights.safetensors")
+    assert not torch.equal(at2["unet.loldu.z"], b["unet.loldu.z"])
+
+
+def test_torchrun_2_processes_and_accumulation_match_1_process_with_the_same_global_batch(tiny_sd, tmp_path):
+    extra = ("--max_train_steps", "3", "--learning_rate", "5e-3", "--lr_warmup_steps", "0", "--random_flip")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_dreambooth_loldu.py"), *cli(tiny_sd, tmp_path / "ddp", "--train_batch_size", "1", *extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = re.search(r"adapter digest per process: (\w+) (\w+)\n", proc.stderr)
+    ddp, _ = tensors(tmp_path / "ddp" / "pytorch_loldu_weights.safetensors")
+    assert digests and digests.group(1) == digests.group(2) == training.adapter_digest(ddp)
+
+    single = train(tiny_sd, tmp_path / "one", "--train_batch_size", "2", *extra)
+    accumulated = train(tiny_sd, tmp_path / "acc", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                        *extra)
+    one, _ = tensors(single.adapter_path)
+    acc, _ = tensors(accumulated.adapter_path)
+    for k in ("unet.loldu.z", "unet.loldu.sigma"):
+        torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(acc[k], one[k], rtol=0, atol=1e-6)
+
+
+def test_adapter_learns_the_concept(tiny_sd, tmp_path):
+    """Denoising loss on the concept images, on fixed noise and timesteps, drops below the base model's."""
+    result = train(tiny_sd, tmp_path / "out", "--max_train_steps", "30", "--learning_rate", "5e-3", "--center_crop")
+    images = [Image.open(p) for p in sorted(CONCEPT.glob("*.png"))]
+    pipe = tiny_pipeline(seed=0)
+    base = training.evaluate_denoising_loss(pipe, images, PROMPT, 64, seed=0, draws=4)
+    pipe.load_loldu_weights(result.adapter_path)
+    learnt = training.evaluate_denoising_loss(pipe, images, PROMPT, 64, seed=0, draws=4)
+    assert learnt < 0.95 * base, (base, learnt)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_sd, tmp_path, monkeypatch):
+    calls, real = [], training.denoising_loss
+
+    def loss_nan_at_step_3(pred, target):
+        calls.append(1)
+        return real(pred, target) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(training, "denoising_loss", loss_nan_at_step_3)
+    out = tmp_path / "out"
+    message = r"^step 3: the loss is nan; .*Last good checkpoint: .*checkpoint-2\. "
+    with pytest.raises(TrainingError, match=message) as e:
+        train(tiny_sd, out, "--max_train_steps", "5", "--checkpointing_steps", "2")
+    assert "\n" not in str(e.value)
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "pytorch_loldu_weights.safetensors").exists()
+    t, _ = tensors(out / "checkpoint-2" / "pytorch_loldu_weights.safetensors")
+    assert torch.isfinite(t["unet.loldu.z"]).all()
+    assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny_sd, tmp_path, monkeypatch):
+    calls, real = [], training._fsync_tree
+
+    def killed_during_second_save(folder):
+        calls.append(folder)
+        if len(calls) == 2:  # checkpoint-4's files are written but not yet renamed into place
+            raise KeyboardInterrupt
+        real(folder)
+
+    monkeypatch.setattr(training, "_fsync_tree", killed_during_second_save)
+    out, extra = tmp_path / "out", ("--max_train_steps", "6", "--checkpointing_steps", "2")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_sd, out, *extra)
+    assert [p.name for p in out.glob("checkpoint-4*")] == [calls[1].name] and ".tmp-" in calls[1].name
+    assert training.resolve_checkpoint(out, "latest").name == "checkpoint-2"
+    monkeypatch.undo()
+    result = train(tiny_sd, out, *extra, "--resume_from_checkpoint", "latest")
+    saved = json.loads((out / "checkpoint-2" / "training_state.json").read_text())["losses"]
+    assert result.steps == 6 and [list(x) for x in result.losses[:2]] == saved
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_cancel_before_the_first_step_saves_nothing_and_bf16_on_cpu_trains(tiny_sd, tmp_path):
+    result = train(tiny_sd, tmp_path / "x", callbacks=TrainingCallbacks(should_stop=lambda: True))
+    assert result.cancelled and result.steps == 0 and result.adapter_path is None
+    assert not (tmp_path / "x" / "pytorch_loldu_weights.safetensors").exists()
+    seen = []
+    result = train(tiny_sd, tmp_path / "bf16", "--mixed_precision", "bf16", "--max_train_steps", "2",
+                   callbacks=TrainingCallbacks(on_step=lambda s, loss: seen.append((s, loss))))
+    assert [s for s, _ in seen] == [1, 2] and all(loss == loss for _, loss in seen)
+    t, _ = tensors(result.adapter_path)
+    assert t["unet.loldu.z"].dtype == torch.float32
