@@ -34,6 +34,10 @@ FORMAT_VERSION = 1
 NORM_RTOL, Z0_RTOL = 1e-3, 1e-2  # fingerprint tolerances: fp16 vs fp32 copies of one base pass, other bases fail
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class LoLDUFormatError(ValueError):
     """The file is not a valid LoLDU adapter for this model."""
 
@@ -69,6 +73,7 @@ def atomic_write(path: str | Path, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600 files; give users their usual mode
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
