@@ -31,7 +31,8 @@ SUBJECTS: dict[str, str] = {
 # Live subjects (pets) get LIVE_PROMPTS; in the dataset these are exactly the cat and dog classes (9 of 30 subjects).
 LIVE_CLASSES: frozenset[str] = frozenset({"cat", "dog"})
 
-OBJECT_PROMPTS: tuple[str, ...] = (
+# The first ten prompts are the same for objects and live subjects.
+_SHARED_PROMPTS: tuple[str, ...] = (
     "a {0} {1} in the jungle",
     "a {0} {1} in the snow",
     "a {0} {1} on the beach",
@@ -42,6 +43,9 @@ OBJECT_PROMPTS: tuple[str, ...] = (
     "a {0} {1} with a mountain in the background",
     "a {0} {1} with a blue house in the background",
     "a {0} {1} on top of a purple rug in a forest",
+)
+
+OBJECT_PROMPTS: tuple[str, ...] = _SHARED_PROMPTS + (
     "a {0} {1} with a wheat field in the background",
     "a {0} {1} with a tree and autumn leaves in the background",
     "a {0} {1} with the Eiffel Tower in the background",
@@ -59,17 +63,7 @@ OBJECT_PROMPTS: tuple[str, ...] = (
     "a cube shaped {0} {1}",
 )
 
-LIVE_PROMPTS: tuple[str, ...] = (
-    "a {0} {1} in the jungle",
-    "a {0} {1} in the snow",
-    "a {0} {1} on the beach",
-    "a {0} {1} on a cobblestone street",
-    "a {0} {1} on top of pink fabric",
-    "a {0} {1} on top of a wooden floor",
-    "a {0} {1} with a city in the background",
-    "a {0} {1} with a mountain in the background",
-    "a {0} {1} with a blue house in the background",
-    "a {0} {1} on top of a purple rug in a forest",
+LIVE_PROMPTS: tuple[str, ...] = _SHARED_PROMPTS + (
     "a {0} {1} wearing a red hat",
     "a {0} {1} wearing a santa hat",
     "a {0} {1} wearing a rainbow scarf",

@@ -80,6 +80,10 @@ def test_duplicate_adapter_name_is_refused_and_changes_nothing(tiny_net):
 @pytest.fixture
 def two_adapters():
     """A Linear(10 -> 12) with adapters 'a' (rank 2) and 'b' (rank 6), both moved off their init."""
+    return _two_adapters()
+
+
+def _two_adapters():
     net = nn.Sequential(nn.Linear(10, 12))
     base = nn.Linear(10, 12)
     base.load_state_dict(net[0].state_dict())
@@ -221,13 +225,7 @@ def test_merge_then_remove_restores_base(tiny_net):
 
 
 def test_delete_merged_adapter_keeps_the_other_merged():
-    net = nn.Sequential(nn.Linear(10, 12))
-    base = nn.Linear(10, 12)
-    base.load_state_dict(net[0].state_dict())
-    add_loldu(net, LoLDUConfig(rank=2, target_modules=["0"]), "a")
-    add_loldu(net, LoLDUConfig(rank=6, alpha=3, target_modules=["0"]), "b")
-    randomise(net, "a")
-    randomise(net, "b")
+    net, base = _two_adapters()
     x = torch.randn(4, 10)
     db = _alone(net, "b", x, base)
     set_loldu_adapters(net, ["a", "b"])

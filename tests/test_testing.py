@@ -34,13 +34,6 @@ def attention_names(unet):
     return [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(ATTN)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy shared CPU run 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
