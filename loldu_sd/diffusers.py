@@ -44,14 +44,9 @@ def unet_attention_modules(unet: nn.Module) -> list[str]:
 def unet_target_layers(unet: nn.Module, targets: list[str] | None = None) -> list[str]:
     """Linear layers to adapt inside the UNet's attention modules (default: to_q, to_k, to_v, to_out.0)."""
     targets = list(PRESETS["sd-unet"]) if targets is None else list(targets)
-    names = []
-    for attn in unet_attention_modules(unet):
-        for t in targets:
-            try:
-                if isinstance(unet.get_submodule(f"{attn}.{t}"), nn.Linear):
-                    names.append(f"{attn}.{t}")
-            except AttributeError:
-                continue
+    modules = dict(unet.named_modules())
+    names = [f"{attn}.{t}" for attn in unet_attention_modules(unet) for t in targets
+             if isinstance(modules.get(f"{attn}.{t}"), nn.Linear)]
     if not names:
         raise ValueError(f"none of {targets} exists in the UNet's attention modules")
     return names

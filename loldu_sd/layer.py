@@ -47,10 +47,11 @@ class LoLDUAdapter(nn.Module):
         self.config = config
         self.rank = z0.numel()
         self.z = nn.Parameter(_init_z(config, z0).float())
-        self.sigma = nn.Parameter(torch.tensor(config.sigma0), requires_grad=config.train_sigma)
+        sigma0 = torch.tensor(config.sigma0, device=z0.device)
+        self.sigma = nn.Parameter(sigma0.clone(), requires_grad=config.train_sigma)
         # z0/sigma0 are buffers so that every cast applied to z/sigma hits them too: s stays exactly 0 at init.
         self.register_buffer("z0", z0.float().clone(), persistent=False)
-        self.register_buffer("sigma0", torch.tensor(config.sigma0), persistent=False)
+        self.register_buffer("sigma0", sigma0, persistent=False)
         self.register_buffer("pivots", pivots.clone(), persistent=False)
         self.weight_norm = weight_norm
         self.mix_weight = 1.0  # set by set_active: this adapter's share in a mix
@@ -131,7 +132,7 @@ class LoLDULinear(nn.Linear):
             self.loldu_B = factors.B.to(self.weight.dtype)
             self.loldu_A = factors.A.to(self.weight.dtype)
         adapter = LoLDUAdapter(config, factors.z0[:rank], factors.pivots[:rank], factors.weight_norm)
-        self.loldu_adapters[name] = adapter.to(self.weight.device)
+        self.loldu_adapters[name] = adapter  # built on the factors' device, i.e. the weight's
         self.loldu_active.append(name)
         return adapter
 
