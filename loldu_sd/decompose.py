@@ -51,7 +51,10 @@ def _canonicaliser(canonical_dtype: str | None, dtype: torch.dtype):
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         # an overflow would turn weights into inf, so such blocks keep their own precision
-        return (t.to(cdt) if t.numel() == 0 or t.abs().max() < limit else t).to(dtype)  # empty: rank == in
+        if t.numel() == 0:  # rank == in: no columns right of the panel
+            return t.to(dtype)
+        lo, hi = torch.aminmax(t)  # one pass, no |t| temporary
+        return (t.to(cdt) if max(-float(lo), float(hi)) < limit else t).to(dtype)
 
     return cast
 
@@ -79,6 +82,7 @@ def top_r_ldu(
     # 1. panel LU: P^T W[:, :r] = L_panel U11
     lu, piv, _ = torch.linalg.lu_factor_ex(cast(W[:, :rank]))  # (m, r); info > 0 only flags an exact zero pivot
     perm = _swaps_to_perm(piv.cpu(), m).to(W.device)
+    lu = lu.contiguous()  # LAPACK returns column-major; row-major makes tril and the row scatter below fast
     L_panel = torch.tril(lu, diagonal=-1)
     L_panel[:rank].diagonal().fill_(1.0)  # unit lower (m, r)
     U11 = torch.triu(lu[:rank])  # (r, r)

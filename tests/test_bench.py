@@ -1,0 +1,63 @@
+"""`python -m eval.bench --smoke` completes and its JSON has every field (no timing assertions: machines are noisy)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SD_METHODS = ["ours:1", "ours:8", "ours:32", "lora:4", "lora:32", "naive:32"]
+
+
+def has(d: dict, path: str) -> bool:
+    """Whether the dotted key path exists in nested dicts."""
+    for key in path.split("/"):
+        if not isinstance(d, dict) or key not in d:
+            return False
+        d = d[key]
+    return True
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_every_field(tmp_path):
+    out = tmp_path / "tmp.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "eval.bench", "--smoke", "--out", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### Targets" in proc.stdout
+    res = json.loads(out.read_text())
+
+    for key in ["date", "device", "torch", "diffusers", "peft", "loadavg_start", "loadavg_end", "seconds"]:
+        assert has(res, f"meta/{key}"), key
+    for key in ["full_lu", "top_r_ldu_r1", "top_r_ldu_r8", "top_r_ldu_r32", "add_loldu_r32"]:
+        assert has(res, f"injection/times/{key}/median"), key
+    assert has(res, "injection/speedup_vs_full_lu/top_r_ldu_r32/median")
+    assert isinstance(res["llama"], dict) and res["llama"]
+
+    sd = res["sd"]
+    for key in ["unet_params", "build_s", "n_target_layers", "rounds/base/infer/median", "rounds/scale_hook_s/median",
+                "files/format/packed/header_bytes", "files/format/per_layer_keys/header_bytes",
+                "pipeline/load/ours:32/median", "pipeline/load/lora:4/median", "pipeline/load_ratio/median",
+                "pipeline/switch/ours:32/median", "pipeline/switch/lora:4/median"]:
+        assert has(sd, key), key
+    for spec in SD_METHODS:
+        worker = sd["train"][spec]
+        assert "error" not in worker, worker.get("error")
+        for key in ["inject_s_cold", "trainable", "floor_step/median", "step/median", "step_ratio/median",
+                    "floor_peak_bytes", "peak_bytes", "peak_increase_bytes"]:
+            assert has(worker, key), (spec, key)
+        for key in ["inject/median", "infer/median", "infer_ratio/median", "trainable"]:
+            assert has(sd["rounds"][spec], key), (spec, key)
+        assert sd["files"][spec]["bytes"] > 0
+    for spec in ["ours:32", "lora:4", "naive:32"]:
+        assert has(sd["rounds"][spec], "fuse/median") and has(sd["rounds"][spec], "infer_fused_ratio/median"), spec
+    for spec in ["ours:32", "lora:4"]:
+        assert has(sd["rounds"][spec], "unfuse/median"), spec
+
+    assert len(res["targets"]) == 11
+    assert all(t["pass"] in (True, False) for t in res["targets"]), [t for t in res["targets"] if t["pass"] is None]
+    for t in res["targets"]:
+        assert {"target", "required", "measured", "value", "pass"} <= set(t)
