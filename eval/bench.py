@@ -7,7 +7,8 @@ Sections (each printed as a markdown table, all written to one JSON file):
              inference unfused/fused, fuse/unfuse, pipeline load and adapter switch
   targets    the issues' targets, PASS/MISS, computed from this run
 Every comparison is made within one run, as ratios of interleaved measurements (the machines are shared and noisy);
-figures are medians over --repeats rounds after one warm-up round, with (min-max) shown.
+figures are medians over --repeats rounds after one warm-up round, with (min-max) shown; "best" ratios are
+min(method) / min(reference), the estimate least hurt by other people's jobs on a shared machine.
 Train steps and peak memory run in one fresh subprocess per method (so peaks do not mix), each against the floor
 step of its own process. `--smoke` runs every code path on the tiny pipeline in about a minute.
 """
@@ -132,10 +133,11 @@ def bench_injection(args) -> dict:
     rows = [["full `torch.linalg.lu` (reference)", fmt(res["times"]["full_lu"]), "1×"]]
     for k in times:
         if k != "full_lu":
-            name = f"`top_r_ldu` r={k.split('_r')[-1]}" if k.startswith("top") else "`add_loldu` r=32 (wrap + decompose)"
+            name = (f"`top_r_ldu` r={k.split('_r')[-1]}" if k.startswith("top")
+                    else "`add_loldu` r=32 (wrap + decompose)")
             rows.append([name, fmt(res["times"][k]), fmt(res["speedup_vs_full_lu"][k], "×")])
-    print(f"\n### Injection: {len(weights)} SD1.5 attention projections ({res['n_params'] / 1e6:.1f} M params), "
-          f"{args.device}\n")
+    print(f"\n### Injection: {len(weights)} SD1.5 attention projections ({res['n_params'] / 1e6:.1f} M params"
+          f"{', shapes ÷10 for smoke' if args.smoke else ''}), {args.device}\n")
     print(table(["method", f"time for all {len(weights)}", "faster than full LU"], rows))
     return res
 
@@ -291,7 +293,7 @@ def build_pipeline(args, unet_dir: Path | None = None):
         pipe = StableDiffusionPipeline(**comps, unet=unet, requires_safety_checker=False)
     pipe.unet.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
-    if "_name_or_path" not in pipe.config:  # save_loldu_weights reads it; pipelines built in code lack it
+    if "_name_or_path" not in pipe.config:  # pipelines built in code have no name: give the files' metadata one
         pipe.register_to_config(_name_or_path="sd15-config-random" if not args.smoke else "tiny-pipeline")
     return pipe, time.perf_counter() - t
 
@@ -387,7 +389,8 @@ def spawn_worker(specs: list[str], unet_dir: Path, args, tmp: Path) -> dict[str,
 
 # ---- section 3: Stable Diffusion UNet ------------------------------------------------------------------------------
 def sd_rounds(unet: nn.Module, inputs, methods: list[Method], args) -> dict[str, dict]:
-    """Interleaved rounds: base call, then per method inject, unfused call (and fuse, fused call, unfuse), remove."""
+    """Interleaved rounds: base call, then per method inject, first and steady unfused calls, (fuse, warm-up call,
+    fused call, unfuse), remove. Ratios to the same round's base call."""
     dev = torch.device(args.device)
     x, t, enc, _ = inputs
     names = loldu_sd.diffusers.unet_target_layers(unet, TARGETS)
@@ -404,9 +407,11 @@ def sd_rounds(unet: nn.Module, inputs, methods: list[Method], args) -> dict[str,
             out[f"{m.spec}/inject"] = clock(lambda: m.inject(unet), dev)
             with torch.enable_grad():
                 trainable[m.spec] = count(m.params(unet))
-            out[f"{m.spec}/infer"] = clock(call, dev)
+            out[f"{m.spec}/infer_first"] = clock(call, dev)  # first call after injection pays one-time costs
+            out[f"{m.spec}/infer"] = clock(call, dev)  # steady state: what the ratio to base uses
             if m.spec in FUSED_IN_ROUNDS:
                 out[f"{m.spec}/fuse"] = clock(lambda: m.fuse(unet), dev)
+                call()  # warm-up on the fused weights
                 out[f"{m.spec}/infer_fused"] = clock(call, dev)
                 if m.kind != "naive":
                     out[f"{m.spec}/unfuse"] = clock(lambda: m.unfuse(unet), dev)
@@ -420,6 +425,7 @@ def sd_rounds(unet: nn.Module, inputs, methods: list[Method], args) -> dict[str,
         r = {k.split("/")[1]: summary(v) for k, v in times.items() if k.startswith(m.spec + "/")}
         r["trainable"] = trainable[m.spec]
         r["infer_ratio"] = paired(times[f"{m.spec}/infer"], base)
+        r["infer_first_ratio"] = paired(times[f"{m.spec}/infer_first"], base)
         if f"{m.spec}/infer_fused" in times:
             r["infer_fused_ratio"] = paired(times[f"{m.spec}/infer_fused"], base)
         res[m.spec] = r
@@ -605,14 +611,16 @@ def print_sd(res: dict, args) -> None:
                  f"peak {'RSS' if args.device == 'cpu' else 'allocated'} vs floor"], rows))
     print("\nStep = forward + backward + AdamW step (+ projection for ours); each method in its own process, "
           "interleaved with floor steps there; peak = increase over that process's floor peak.\n")
-    rows = [["base", fmt(rd["base"]["infer"]), "1×", "–", "–", "–"]]
+    rows = [["base", fmt(rd["base"]["infer"]), "1×", "–", "–", "–", "–"]]
     for spec in SD_METHODS:
         r = rd[spec]
         rows.append([Method.parse(spec).label, fmt(r["infer"]), fmt(r["infer_ratio"], "×") + best(r["infer_ratio"]),
                      fmt(r.get("infer_fused_ratio"), "×") + best(r.get("infer_fused_ratio")),
                      fmt(r.get("fuse"), "ms", 1e3),
-                     fmt(r.get("unfuse"), "ms", 1e3) if spec != "naive:32" else "impossible (W0 overwritten)"])
-    print(table(["method", "one UNet call (no grad)", "unfused vs base", "fused vs base", "fuse", "unfuse"], rows))
+                     fmt(r.get("unfuse"), "ms", 1e3) if spec != "naive:32" else "impossible (W0 overwritten)",
+                     fmt(r["infer_first_ratio"], "×")])
+    print(table(["method", "one UNet call (no grad)", "unfused vs base", "fused vs base", "fuse", "unfuse",
+                 "1st call after inject vs base"], rows))
     print(f"\n(fuse/unfuse on the UNet: merge_loldu/unmerge_loldu, unet.fuse_lora/unfuse_lora; the LoLDU "
           f"scale hooks cost {fmt(rd['scale_hook_s'], 'ms', 1e3)} per UNet call)\n")
     rows = [["LoLDU (ours) r=32: `pipe.load_loldu_weights`", fmt(pl["load"]["ours:32"]), fmt(pl["load_ratio"], "×"),
@@ -632,7 +640,7 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
     """Each issue target as PASS/MISS from this run's numbers (n/a when the section did not run)."""
     out = []
 
-    def check(name, required, get, ok, show, get_best=None):
+    def check(name, required, get, ok, show, get_best=None, ok_best=None, show_best=None):
         try:
             v = get()
             row = {"target": name, "required": required, "measured": show(v), "value": v, "pass": bool(ok(v))}
@@ -641,7 +649,7 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
             return
         if get_best is not None:  # the same target on min/min ratios: tells real misses from load noise
             b = get_best()
-            row.update(best=show(b), best_pass=bool(ok(b)))
+            row.update(best=(show_best or show)(b), best_pass=bool((ok_best or ok)(b)))
         out.append(row)
 
     inj, sd = res.get("injection", {}), res.get("sd", {})
@@ -674,7 +682,8 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
     check("fused inference, ours r=32", "= base (within noise)", lambda: sd["rounds"]["ours:32"]["infer_fused_ratio"],
           lambda v: v["min"] <= 1 <= v["max"] or abs(v["median"] - 1) <= 0.02,
           lambda v: f"{v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f})",
-          lambda: {**sd["rounds"]["ours:32"]["infer_fused_ratio"], "median": best(sd["rounds"]["ours:32"]["infer_fused_ratio"])})
+          lambda: best(sd["rounds"]["ours:32"]["infer_fused_ratio"]), lambda v: v <= 1.03,
+          lambda v: f"{v:.3f}× (no extra cost: ≤ 1.03×)")
     print("\n### Targets (from this run)" + (" — smoke run on tiny shapes: not meaningful" if smoke else "") + "\n")
     word = {True: "PASS", False: "MISS", None: "n/a"}
     print(table(["target", "required", "measured (median)", "result", "on best-of-N (min/min)"],

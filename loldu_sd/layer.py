@@ -39,6 +39,10 @@ def _init_z(cfg: LoLDUConfig, z0: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(z0)  # "ones"
 
 
+# Bumped whenever a layer is wrapped or unwrapped anywhere: invalidates every cached layer list (model.loldu_layers).
+structure_version = [0]
+
+
 class LoLDUAdapter(nn.Module):
     """One adapter of one layer: trainable z (r) and sigma, frozen z0 and sigma0."""
 
@@ -81,6 +85,7 @@ class LoLDULinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "LoLDULinear":
         """Wrap `linear` without copying: the new layer shares its weight and bias Parameters."""
+        structure_version[0] += 1
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -102,6 +107,7 @@ class LoLDULinear(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's (unmerged) weight and bias."""
         self.unmerge()
+        structure_version[0] += 1
         linear = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = self.in_features, self.out_features

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import LoLDUConfig
-from .layer import LoLDULinear
+from .layer import LoLDULinear, structure_version
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:
@@ -31,11 +31,18 @@ def find_targets(module: nn.Module, targets: list[str] | str) -> list[str]:
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    structure_version[0] += 1
 
 
 def loldu_layers(module: nn.Module) -> Iterator[tuple[str, LoLDULinear]]:
     """(name, layer) for every LoLDU layer in `module`."""
-    return ((n, m) for n, m in module.named_modules() if isinstance(m, LoLDULinear))
+    # Walking the SD UNet's ~1,100 modules costs ~1 ms; switching adapters and the per-call scale hook only need
+    # the 128 LoLDU layers, so the list is cached on the module until a layer is wrapped or unwrapped.
+    cached = module.__dict__.get("_loldu_layer_cache")
+    if cached is None or cached[0] != structure_version[0]:
+        cached = (structure_version[0], [(n, m) for n, m in module.named_modules() if isinstance(m, LoLDULinear)])
+        module.__dict__["_loldu_layer_cache"] = cached
+    return iter(cached[1])
 
 
 def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "default",

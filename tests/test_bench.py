@@ -49,7 +49,8 @@ def test_bench_smoke_writes_every_field(tmp_path):
         for key in ["inject_s_cold", "trainable", "floor_step/median", "step/median", "step_ratio/median",
                     "floor_peak_bytes", "peak_bytes", "peak_increase_bytes"]:
             assert has(worker, key), (spec, key)
-        for key in ["inject/median", "infer/median", "infer_ratio/median", "trainable"]:
+        for key in ["inject/median", "infer/median", "infer_first/median", "infer_ratio/median", "infer_ratio/best",
+                    "trainable"]:
             assert has(sd["rounds"][spec], key), (spec, key)
         assert sd["files"][spec]["bytes"] > 0
     for spec in ["ours:32", "lora:4", "naive:32"]:

@@ -248,3 +248,17 @@ def test_refused_switch_after_partial_merge_changes_no_layer(tiny_net):
         set_loldu_adapters(net, ["a"], [0.3])
     assert active == {n: (list(m.loldu_active), [a.mix_weight for a in m.loldu_adapters.values()])
                       for n, m in net.named_modules() if isinstance(m, LoLDULinear)}
+
+
+def test_layer_list_cache_follows_every_structural_change():
+    from loldu_sd import loldu_layers
+    from loldu_sd.layer import LoLDULinear
+
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    assert list(loldu_layers(net)) == []
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["0"]), "a")
+    assert [n for n, _ in loldu_layers(net)] == ["0"]
+    net[1] = LoLDULinear.from_linear(net[1])  # wrapped by hand, outside add_loldu
+    assert [n for n, _ in loldu_layers(net)] == ["0", "1"]
+    remove_loldu(net)
+    assert [n for n, _ in loldu_layers(net)] == []
