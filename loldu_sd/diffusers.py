@@ -6,6 +6,7 @@ are thin: the work happens in module-level functions that take the components ex
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.util
@@ -102,24 +103,13 @@ def _install_text_scale(pipe) -> None:
         scale = kwargs.get("lora_scale")
         if scale is None:
             return original(*args, **kwargs)
-        with _scaled(_components(pipe, TEXT_ENCODERS).values(), scale):
+        with contextlib.ExitStack() as stack:
+            for module in _components(pipe, TEXT_ENCODERS).values():
+                stack.enter_context(loldu_scale(module, scale))
             return original(*args, **kwargs)
 
     pipe.encode_prompt = encode_prompt
     pipe._loldu_text_scaled = True
-
-
-class _scaled:
-    def __init__(self, modules, scale):
-        self.ctxs = [loldu_scale(m, scale) for m in modules]
-
-    def __enter__(self):
-        for c in self.ctxs:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in self.ctxs:
-            c.__exit__(*exc)
 
 
 def _components(pipe, names=("unet",) + TEXT_ENCODERS) -> dict[str, nn.Module]:
