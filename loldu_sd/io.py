@@ -27,7 +27,7 @@ from torch import nn
 from .config import LoLDUConfig
 from .decompose import fingerprint, top_r_ldu
 from .layer import LoLDULinear
-from .model import _set_submodule, add_loldu, loldu_adapter_names, loldu_layers
+from .model import _set_submodule, loldu_adapter_names, loldu_layers
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 1
@@ -235,4 +235,4 @@ def load_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adap
 
 
 __all__ = ["LoLDUFormatError", "LoLDUBaseMismatchError", "LoadedAdapter", "save_loldu", "load_loldu",
-           "read_adapter_file", "loldu_state_dict", "atomic_write", "add_loldu"]
+           "read_adapter_file", "loldu_state_dict", "atomic_write"]
