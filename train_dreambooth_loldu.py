@@ -11,7 +11,7 @@ Launch it as diffusers' examples are launched (flags match examples/dreambooth/t
 `python train_dreambooth_loldu.py ...` and `torchrun --nproc_per_node N train_dreambooth_loldu.py ...` work too.
 The output folder gets pytorch_loldu_weights.safetensors (load it with `pipe.load_loldu_weights(output_dir)`),
 a model card, validation samples, a loss curve, checkpoint-N/ folders and TensorBoard logs.
-The training logic lives in loldu_sd/training.py, which the Gradio studio calls in-process.
+The training logic lives in the loldu_sd/training/ package, which the Gradio studio calls in-process.
 """
 from __future__ import annotations
 

@@ -33,11 +33,26 @@ def screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def set_number(page, elem_id: str, value) -> None:
-    """Type into the number box of a Gradio slider and commit it."""
+def set_number(page, elem_id: str, value, expect) -> None:
+    """Type into a Gradio number box (a slider's or a plain Number) and wait until the component holds the value.
+
+    On a loaded machine the first fill can land while the component is still mounting and be overwritten,
+    so the value is re-typed until the component shows it.
+    """
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    shown = page.locator(f"#{elem_id} input[type=range]") if page.locator(
+        f"#{elem_id} input[type=range]").count() else box
+    expect(box).to_be_editable()
+    for attempt in range(5):
+        box.fill(str(value))
+        box.press("Tab")  # blur commits the value in both sliders and number boxes
+        try:
+            expect(shown).to_have_value(str(value), timeout=2_000)
+            expect(box).to_have_value(str(value), timeout=2_000)
+            return
+        except AssertionError:
+            if attempt == 4:
+                raise
 
 
 def test_upload_train_generate_in_chromium(app_server, tmp_path):  # noqa: F811
@@ -66,9 +81,9 @@ def test_upload_train_generate_in_chromium(app_server, tmp_path):  # noqa: F811
             uploads.set_input_files([str(p) for p in CONCEPT[:3]])
             expect(page.locator("#train-thumbs img")).to_have_count(3)
             page.get_by_text("Settings").click()
-            set_number(page, "train-steps", 2)
-            set_number(page, "train-every", 2)  # previews: the final validation only (keeps the test fast)
-            page.locator("#train-lr input").fill("0.005")
+            set_number(page, "train-steps", 2, expect)
+            set_number(page, "train-every", 2, expect)  # previews: the final validation only (keeps the test fast)
+            set_number(page, "train-lr", "0.005", expect)
             page.locator("#train-start").click()
             expect(page.locator("#train-progress[data-state=done]")).to_be_visible(timeout=180_000)
             expect(page.locator("#train-progress")).to_contain_text("step 2/2")
@@ -81,7 +96,7 @@ def test_upload_train_generate_in_chromium(app_server, tmp_path):  # noqa: F811
             pick.click()
             page.get_by_role("option", name="browser-robot").click()
             page.locator("#gen-prompt textarea").fill("a photo of sks robot on the beach")
-            set_number(page, "gen-steps", 2)
+            set_number(page, "gen-steps", 2, expect)
             page.locator("#gen-go").click()
             expect(page.locator("#gen-gallery img")).to_have_count(1, timeout=120_000)
             expect(page.locator("#gen-status")).to_contain_text("1 image(s) with browser-robot")

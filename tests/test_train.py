@@ -187,13 +187,13 @@ def test_adapter_learns_the_concept(tiny_sd, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_sd, tmp_path, monkeypatch):
-    calls, real = [], training.denoising_loss
+    calls, real = [], training.loss.denoising_loss
 
     def loss_nan_at_step_3(pred, target):
         calls.append(1)
         return real(pred, target) * (float("nan") if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(training, "denoising_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(training.loss, "denoising_loss", loss_nan_at_step_3)
     out = tmp_path / "out"
     message = r"^step 3: the loss is nan; .*Last good checkpoint: .*checkpoint-2\. "
     with pytest.raises(TrainingError, match=message) as e:
@@ -207,7 +207,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny_sd, tmp_path, monkeypatch):
-    calls, real = [], training._fsync_tree
+    calls, real = [], training.checkpoints._fsync_tree
 
     def killed_during_second_save(folder):
         calls.append(folder)
@@ -215,7 +215,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny_sd, tmp
             raise KeyboardInterrupt
         real(folder)
 
-    monkeypatch.setattr(training, "_fsync_tree", killed_during_second_save)
+    monkeypatch.setattr(training.checkpoints, "_fsync_tree", killed_during_second_save)
     out, extra = tmp_path / "out", ("--max_train_steps", "6", "--checkpointing_steps", "2")
     with pytest.raises(KeyboardInterrupt):
         train(tiny_sd, out, *extra)

@@ -219,7 +219,7 @@ def test_latest_ignores_temp_and_incomplete_checkpoints_and_interrupted_renames_
     assert resolve_checkpoint(tmp_path, "checkpoint-2") == tmp_path / "checkpoint-2"
     assert resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-10")) == tmp_path / "checkpoint-10"
     assert resolve_checkpoint(tmp_path, "checkpoint-11") is None  # no training_state.json: incomplete
-    training._clean_interrupted_saves(tmp_path)
+    training.checkpoints.clean_interrupted_saves(tmp_path)
     # the tmp folder is gone; the .old one was the only copy of checkpoint-12, so it is put back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-11", "checkpoint-12",
                                                           "checkpoint-2", "other"]

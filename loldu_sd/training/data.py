@@ -1,0 +1,203 @@
+"""Images and the DreamBooth dataset: sample n of the run is drawn from generators seeded by (seed, stream, n)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import TrainingInputError
+from .models import diffusers_dtype, no_safety_checker
+
+logger = logging.getLogger(__name__)
+
+
+# independent random streams, each indexed by the global sample counter
+DATA, NOISE, CLASS_DATA, CLASS_NOISE, CLASS_GEN, EVAL = range(6)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of any PIL image: transparency goes onto white, CMYK/grayscale/palette/16-bit are converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale down to 8 bits first
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_images(directory: str | Path, resolution: int | None = None, what: str = "instance"
+                ) -> tuple[list[tuple[Path, Image.Image]], list[str]]:
+    """Read every image of a folder as RGB (EXIF rotation applied); returns (path, image) pairs and warnings.
+
+    Unreadable files are skipped with a warning naming each; images smaller than `resolution` get a warning.
+    No readable image at all is a TrainingInputError.
+    """
+    folder = Path(directory)
+    flag = f"--{what}_data_dir"
+    if not folder.exists():
+        raise TrainingInputError(f"{flag} {folder}: no such folder")
+    if not folder.is_dir():
+        raise TrainingInputError(f"{flag} {folder}: is a file, not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise TrainingInputError(f"{flag} {folder}: is empty; put 3-5 photos of your subject in it")
+    images, notes = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode fully now: truncated files fail here, not in the middle of training
+                image = to_rgb(ImageOps.exif_transpose(im))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            notes.append(f"{path}: skipped, not a readable image ({e})")
+            continue
+        if resolution and min(image.size) < resolution:
+            notes.append(f"{path}: {image.width}x{image.height} is smaller than --resolution {resolution}; "
+                            "it is upscaled and will look soft")
+        images.append((path, image))
+    if not images:
+        raise TrainingInputError(f"{flag} {folder}: holds no readable image ({len(files)} file(s) skipped)")
+    return images, notes
+
+
+def sample_seed(seed: int, *keys: int) -> int:
+    """A seed for the random stream (seed, *keys): independent streams per purpose and per sample."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seeded_generator(seed: int, *keys: int) -> torch.Generator:
+    """A torch.Generator for the random stream (seed, *keys)."""
+    return torch.Generator().manual_seed(sample_seed(seed, *keys))
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Resize so that the shorter side is `size` (aspect kept), as diffusers' Resize(size) does."""
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    return image.resize((w, h), Image.BILINEAR)
+
+
+def crop_center(image: Image.Image, size: int) -> Image.Image:
+    """The central size x size square of an image at least that large."""
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float tensor in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance (and class) images indexed by the run's global sample counter n, not by file.
+
+    Sample n is image perm_e[n mod N] of epoch e = n // N (perm_e seeded by (seed, e)), with its crop and flip drawn
+    from (seed, n): the same on every process and after every resume. len() is one epoch, as in diffusers.
+    """
+
+    def __init__(self, instance_images: Sequence[Image.Image], size: int, seed: int, center_crop: bool = False,
+                 random_flip: bool = False, class_images: Sequence[Image.Image] | None = None):
+        self.size, self.seed, self.center_crop, self.random_flip = size, seed, center_crop, random_flip
+        self.instance = [resize_shorter(im, size) for im in instance_images]
+        self.classes = [resize_shorter(im, size) for im in class_images or []]
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.classes))
+
+    def _pick(self, pool: list[Image.Image], n: int, stream: int) -> Image.Image:
+        epoch, i = divmod(n, len(pool))
+        return pool[int(torch.randperm(len(pool), generator=seeded_generator(self.seed, stream, 1, epoch))[i])]
+
+    def _augment(self, image: Image.Image, g: torch.Generator) -> torch.Tensor:
+        s, (w, h) = self.size, image.size
+        if self.center_crop:
+            left, top = (w - s) // 2, (h - s) // 2
+        else:
+            left, top = (int(torch.randint(0, d - s + 1, (1,), generator=g)) for d in (w, h))
+        image = image.crop((left, top, left + s, top + s))
+        if self.random_flip and float(torch.rand(1, generator=g)) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+    def __getitem__(self, n: int) -> dict[str, torch.Tensor | int]:
+        example = {"index": n, "instance": self._augment(self._pick(self.instance, n, DATA),
+                                                         seeded_generator(self.seed, DATA, 0, n))}
+        if self.classes:
+            example["class"] = self._augment(self._pick(self.classes, n, CLASS_DATA),
+                                             seeded_generator(self.seed, CLASS_DATA, 0, n))
+        return example
+
+
+class SampleStream(torch.utils.data.Sampler):
+    """Endless global sample counters of one process: micro-batch m holds n = (m * world + rank) * batch + i."""
+
+    def __init__(self, start_micro_batch: int, world: int, rank: int, batch_size: int):
+        self.start, self.world, self.rank, self.batch = start_micro_batch, world, rank, batch_size
+
+    def __iter__(self):
+        m = self.start
+        while True:
+            first = (m * self.world + self.rank) * self.batch
+            yield from range(first, first + self.batch)
+            m += 1
+
+
+def generate_class_images(args: argparse.Namespace, accelerator, have: int) -> None:
+    """Generate the missing class images into --class_data_dir, split across processes, seeded per image."""
+    from diffusers import DiffusionPipeline
+
+    missing = list(range(have, args.num_class_images))[accelerator.process_index::accelerator.num_processes]
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                             variant=args.variant, **no_safety_checker(args),
+                                             **diffusers_dtype(dtype))
+    pipe.to(accelerator.device).set_progress_bar_config(disable=True)
+    folder = Path(args.class_data_dir)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(missing), desc="Generating class images", disable=not accelerator.is_local_main_process)
+    for start in range(0, len(missing), args.sample_batch_size):
+        batch = missing[start: start + args.sample_batch_size]
+        images = pipe([args.class_prompt] * len(batch), height=args.resolution, width=args.resolution,
+                      generator=[seeded_generator(args.seed, CLASS_GEN, i) for i in batch]).images
+        for i, image in zip(batch, images):
+            digest = hashlib.sha1(image.tobytes()).hexdigest()[:12]
+            image.save(folder / f"{i:05d}-{digest}.png")
+        bar.update(len(batch))
+    bar.close()
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def class_images_for(args: argparse.Namespace, accelerator, notes: list[str]) -> list[Image.Image]:
+    """Class images for prior preservation: the readable ones in --class_data_dir, topped up by generation."""
+    folder = Path(args.class_data_dir)
+
+    def readable() -> list[Image.Image]:
+        if not any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir()):
+            return []
+        try:
+            found, warns = load_images(folder, args.resolution, "class")
+        except TrainingInputError:
+            return []
+        notes.extend(w for w in warns if w not in notes)
+        return [im for _, im in found]
+
+    have = len(readable())
+    if have < args.num_class_images:
+        if accelerator.is_main_process:
+            logger.info("generating %d class images for %r into %s", args.num_class_images - have, args.class_prompt,
+                        folder)
+        generate_class_images(args, accelerator, have)
+        accelerator.wait_for_everyone()
+    return readable()[: args.num_class_images]

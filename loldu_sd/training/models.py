@@ -1,0 +1,127 @@
+"""Loading the frozen base models, adding the trainable adapters, and the accelerator that runs them."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..model import cast_loldu_parameters
+from .args import loldu_config
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict:
+    """The from_pretrained keyword for `dtype` ({} for fp32): diffusers >= 0.36 renamed torch_dtype to dtype."""
+    from diffusers.utils import deprecation_utils
+
+    if dtype == torch.float32:
+        return {}
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def no_safety_checker(args: argparse.Namespace) -> dict:
+    """from_pretrained kwargs that skip the safety checker when the pipeline has one."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    return {"safety_checker": None} if "safety_checker" in config else {}
+
+
+def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """Tokenizer, text encoder, VAE, UNet (frozen, on `device` in `dtype`) and the DDPM training scheduler."""
+    from types import SimpleNamespace
+
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    path, hub = args.pretrained_model_name_or_path, {"revision": args.revision}
+    if args.tokenizer_name:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name, **hub)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
+    arch = transformers.AutoConfig.from_pretrained(path, subfolder="text_encoder", **hub).architectures[0]
+    text_encoder = getattr(transformers, arch).from_pretrained(path, subfolder="text_encoder", variant=args.variant,
+                                                               **hub)
+    cast = diffusers_dtype(dtype)  # frozen weights in the mixed-precision dtype
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **cast)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **hub, **cast)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **hub, **cast)
+    text_encoder.to(dtype=dtype)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False).to(device)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub)
+    return SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+
+
+def pipeline_from_args(args: argparse.Namespace, **components):
+    """The base pipeline of --pretrained_model_name_or_path, with `components` swapped in."""
+    from diffusers import DiffusionPipeline
+
+    kwargs = {**no_safety_checker(args), **components}
+    return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                             variant=args.variant, **kwargs)
+
+
+def make_accelerator(args: argparse.Namespace):
+    """A fresh Accelerator for this run (mixed precision, trackers, CPU DDP under torchrun)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    # in-process callers (the studio) train many times: forget the previous run's mixed precision and trackers
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    out = Path(args.output_dir)
+    # torchrun on a machine without GPU: accelerate only sets up gloo DDP when told to use the CPU
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=cpu_ddp,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
+        # LoLDU's B/A buffers are recomputed identically on every process: broadcasting them each step is waste
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def models_with_adapters(args: argparse.Namespace, accelerator):
+    """Frozen base models in the mixed-precision dtype with LoLDU adapters whose z/sigma stay fp32."""
+    from ..diffusers import add_loldu_to_text_encoder, add_loldu_to_unet
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    m = load_models(args, accelerator.device, weight_dtype)
+    config = loldu_config(args)
+    components = {"unet": add_loldu_to_unet(m.unet, config)}
+    if args.train_text_encoder:
+        components["text_encoder"] = add_loldu_to_text_encoder(m.text_encoder, config)
+    for module in components.values():
+        cast_loldu_parameters(module, torch.float32)
+    if args.enable_xformers_memory_efficient_attention:
+        m.unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        m.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            kw = {"use_reentrant": False}  # reentrant checkpointing drops the grads of frozen-input blocks
+            if hasattr(m.text_encoder, "activation_checkpointing_enable"):  # transformers >= 5 name
+                m.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                m.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return m, components, weight_dtype
+
+
+def generate_samples(pipe, args: argparse.Namespace) -> list[Image.Image]:
+    """--num_validation_images images of the validation prompt (DPM-Solver, seeded by --seed)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(args.validation_prompt or args.instance_prompt, num_images_per_prompt=args.num_validation_images,
+                num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
+                generator=torch.Generator().manual_seed(args.seed)).images
