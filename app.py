@@ -3,7 +3,7 @@
     python -m loldu_sd.testing --save tiny-sd      # a tiny offline pipeline, for a quick local try
     python app.py --pretrained_model_name_or_path tiny-sd --library_dir library
 
-Only the UI lives here; the logic (library, shared pipeline, training jobs, validation) is in loldu_sd/studio.py.
+Only the UI lives here; the logic (library, shared pipeline, training jobs, validation) is in loldu_sd/studio/.
 Nothing heavy happens at import: the model loads on first use.
 """
 import argparse

@@ -86,30 +86,39 @@ def _scale_post_hook(module, args, kwargs, output):
 
 def _install_scale_hook(unet: nn.Module) -> None:
     """Honour cross_attention_kwargs={"scale": s} as diffusers does for LoRA (the UNet pops it before attention)."""
-    if not getattr(unet, "_loldu_scale_hooked", False):
-        unet.register_forward_pre_hook(_scale_pre_hook, with_kwargs=True)
-        unet.register_forward_hook(_scale_post_hook, with_kwargs=True, always_call=True)
-        unet._loldu_scale_hooked = True
+    if "_loldu_scale_hooks" not in unet.__dict__:
+        unet.__dict__["_loldu_scale_hooks"] = [
+            unet.register_forward_pre_hook(_scale_pre_hook, with_kwargs=True),
+            unet.register_forward_hook(_scale_post_hook, with_kwargs=True, always_call=True)]
 
 
-def _install_text_scale(pipe) -> None:
-    """Make encode_prompt(lora_scale=s) scale the text encoders' LoLDU adapters too."""
-    if getattr(pipe, "_loldu_text_scaled", False) or not hasattr(pipe, "encode_prompt"):
-        return
-    original = pipe.encode_prompt
+def remove_scale_hook(unet: nn.Module) -> None:
+    """Remove the UNet's runtime-scale hooks (unload_loldu_weights does): the UNet is the bare base model again."""
+    for handle in unet.__dict__.pop("_loldu_scale_hooks", []):
+        handle.remove()
 
-    @functools.wraps(original)
-    def encode_prompt(*args, **kwargs):
+
+def _text_scaled(encode_prompt):
+    """Wrap a pipeline class's encode_prompt so that lora_scale=s also scales the text encoders' LoLDU adapters."""
+
+    @functools.wraps(encode_prompt)
+    def wrapper(self, *args, **kwargs):
         scale = kwargs.get("lora_scale")
         if scale is None:
-            return original(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for module in _components(pipe, TEXT_ENCODERS).values():
+            return encode_prompt(self, *args, **kwargs)
+        with contextlib.ExitStack() as stack:  # loldu_scale sets (not multiplies): nested wrappers are harmless
+            for module in _components(self, TEXT_ENCODERS).values():
                 stack.enter_context(loldu_scale(module, scale))
-            return original(*args, **kwargs)
+            return encode_prompt(self, *args, **kwargs)
 
-    pipe.encode_prompt = encode_prompt
-    pipe._loldu_text_scaled = True
+    wrapper._loldu_text_scaled = True
+    return wrapper
+
+
+def _wrap_encode_prompt(cls) -> None:
+    fn = cls.__dict__.get("encode_prompt")
+    if callable(fn) and not getattr(fn, "_loldu_text_scaled", False):
+        cls.encode_prompt = _text_scaled(fn)
 
 
 def _components(pipe, names=("unet",) + TEXT_ENCODERS) -> dict[str, nn.Module]:
@@ -215,7 +224,6 @@ class LoLDULoaderMixin:
         loaded: LoadedAdapter = load_loldu(path, comps, adapter_name)
         if "unet" in comps:
             _install_scale_hook(comps["unet"])
-        _install_text_scale(self)
         if not fused:  # like diffusers, the newly loaded adapter becomes the active one
             for m in comps.values():
                 if loaded.name in loldu_adapter_names(m):
@@ -277,6 +285,7 @@ class LoLDULoaderMixin:
             present = [n for n in names if n in loldu_adapter_names(m)]
             if present:
                 remove_loldu(m, present)
+        _remove_hooks_if_empty(self)
 
     def fuse_loldu(self, scale: float = 1.0, components: list[str] | None = None,
                    adapter_names: list[str] | None = None) -> None:
@@ -295,12 +304,45 @@ class LoLDULoaderMixin:
         for m in _components(self).values():
             if loldu_adapter_names(m):
                 remove_loldu(m)
+        _remove_hooks_if_empty(self)
+
+
+def _remove_hooks_if_empty(pipe) -> None:
+    """Once the last adapter is gone, take the UNet's scale hooks out too: the UNet runs bare, as loaded.
+
+    The encode_prompt wrapper stays: without adapters it is one dict lookup, and removing it would make the text
+    encoder's runtime scale depend on the order of calls.
+    """
+    comps = _components(pipe)
+    if "unet" in comps and not any(loldu_adapter_names(m) for m in comps.values()):
+        remove_scale_hook(comps["unet"])
 
 
 def _attach(pipeline_utils) -> None:
+    """Add the LoLDULoaderMixin methods to DiffusionPipeline, and the text-encoder runtime scale to every pipeline
+    class's encode_prompt: those defined already and, through __init_subclass__, those diffusers loads later."""
+    base = pipeline_utils.DiffusionPipeline
     for name, fn in vars(LoLDULoaderMixin).items():
         if callable(fn) and not name.startswith("_"):
-            setattr(pipeline_utils.DiffusionPipeline, name, fn)
+            setattr(base, name, fn)
+    if base.__dict__.get("_loldu_attached"):
+        return
+    own = base.__dict__.get("__init_subclass__")
+
+    def __init_subclass__(cls, **kwargs):
+        if own is not None:
+            own.__func__(cls, **kwargs)
+        else:
+            super(base, cls).__init_subclass__(**kwargs)
+        _wrap_encode_prompt(cls)
+
+    base.__init_subclass__ = classmethod(__init_subclass__)
+    base._loldu_attached = True
+    todo = list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        _wrap_encode_prompt(cls)
+        todo.extend(cls.__subclasses__())
 
 
 class _AttachOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

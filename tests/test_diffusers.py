@@ -78,6 +78,21 @@ def test_save_unload_load_roundtrip(pipe, base, tmp_path):
     assert pipe.list_loldu_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
 
 
+def test_unload_and_deleting_the_last_adapter_leave_no_unet_hooks_behind(pipe, base, tmp_path):
+    hooks = (lambda u: (len(u._forward_pre_hooks), len(u._forward_hooks)))
+    pipe.unload_loldu_weights()
+    bare = hooks(pipe.unet)
+    add(pipe, "a", text=True)
+    pipe.save_loldu_weights(tmp_path)
+    pipe.unload_loldu_weights()
+    for _ in range(2):  # unload, then delete the last one: both leave the UNet as loaded
+        assert hooks(pipe.unet) == bare and "_loldu_scale_hooks" not in pipe.unet.__dict__
+        assert torch.equal(images(pipe, cross_attention_kwargs={"scale": 0.5}), base[1])
+        pipe.load_loldu_weights(tmp_path, adapter_name="x")
+        assert hooks(pipe.unet) != bare  # the scale hooks are back with an adapter
+        pipe.delete_loldu_adapters("x")
+
+
 def test_runtime_scale_matches_weight(pipe, base):
     add(pipe, "a", text=True)
     scaled = images(pipe, cross_attention_kwargs={"scale": 0.5})
@@ -200,3 +215,17 @@ def test_missing_local_path_and_offline_hub(pipe, tmp_path, monkeypatch):
         pipe.load_loldu_weights(str(tmp_path / "nope.safetensors"))
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache|Hub"):
         pipe.load_loldu_weights("someone/some-loldu-adapter")
+
+
+@pytest.mark.parametrize("diffusers_first", [False, True])
+def test_pipeline_methods_and_text_scale_whatever_the_import_order(diffusers_first):
+    """Every SD pipeline class gets the methods and the text-encoder runtime scale, imported before or after us."""
+    import subprocess
+    import sys
+
+    order = ["import diffusers.pipelines.pipeline_utils", "import loldu_sd"]
+    code = "; ".join((order if diffusers_first else order[::-1]) + [
+        "from diffusers import StableDiffusionPipeline as T, StableDiffusionImg2ImgPipeline as I, "
+        "StableDiffusionInpaintPipeline as P",
+        "assert all(c.encode_prompt._loldu_text_scaled and c.load_loldu_weights for c in (T, I, P))"])
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -6,7 +6,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from eval import bench_llama, glue, vit  # noqa: E402
+from eval import glue, vit  # noqa: E402
+from eval.bench import llama as bench_llama  # noqa: E402
 from loldu_sd.transformers import load_transformer_adapter  # noqa: E402
 
 

@@ -361,6 +361,7 @@ def test_cancel_keeps_the_last_checkpoint(studio):
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(studio, monkeypatch):
     from loldu_sd import training
+    from loldu_sd.training import loop
 
     real, calls = training.diffusion_loss, []
 
@@ -369,26 +370,26 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(studio
         parts = real(*args, **kwargs)
         return parts if len(calls) <= 2 else [p * float("nan") for p in parts]
 
-    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    monkeypatch.setattr(loop, "diffusion_loss", poisoned)  # patched where the training loop looks it up
     studio.preview_images = 0
     snap = wait(studio.start_training(request("diverged", steps=5, validation_every=2)))
     assert snap.state == "failed" and "the loss is nan" in snap.message and "lower the learning rate" in snap.message
     assert "kept the last good checkpoint" in snap.message and studio.library.exists("diverged")
     assert "Traceback" not in snap.message and str(studio.library.root) not in snap.message
     calls.clear()
-    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
+    monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
     snap = wait(studio.start_training(request("nan-at-once", steps=3)))
     assert snap.state == "failed" and snap.message.endswith("nothing was saved")
     assert not studio.library.exists("nan-at-once") and not studio.training_busy()
 
 
 def test_unexpected_trainer_error_is_one_line(studio, monkeypatch):
-    import loldu_sd.studio as studio_module
+    from loldu_sd.studio import jobs  # Studio._run_job looks run_trainer up in jobs
 
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
 
-    monkeypatch.setattr(studio_module, "run_trainer", boom)
+    monkeypatch.setattr(jobs, "run_trainer", boom)
     snap = wait(studio.start_training(request("x")))
     assert snap.state == "failed" and snap.message == "training failed: RuntimeError: CUDA out of memory."
     assert not studio.training_busy() and not studio.library.exists("x")

@@ -5,9 +5,9 @@ LLaMA2-7B has 32 layers x (q_proj, v_proj) = 64 matrices of 4096 x 4096. We time
 The matrices are random (no model download) and made one at a time from a seeded generator, so memory stays at a
 few copies of one matrix (64 MB each in fp32) instead of 4 GB.
 
-    python -m eval.bench_llama                     # 64 matrices 4096^2, r=1024 (minutes on a laptop CPU)
-    python -m eval.bench_llama --n-matrices 4      # time 4 and extrapolate to 64 (labelled as such)
-    python -m eval.bench_llama --smoke             # 4 matrices 256^2, r=64: seconds
+    python -m eval.bench.llama                     # 64 matrices 4096^2, r=1024 (minutes on a laptop CPU)
+    python -m eval.bench.llama --n-matrices 4      # time 4 and extrapolate to 64 (labelled as such)
+    python -m eval.bench.llama --smoke             # 4 matrices 256^2, r=64: seconds
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def llama_injection_benchmark(n_matrices: int = LLAMA_7B_MATRICES, size: int = 4
     torch.linalg.lu(warm)
     for i in range(n_matrices):
         w = torch.randn(size, size, generator=gen, device=device) * size ** -0.5  # made on the fly, then dropped
-        for _ in range(repeats):
-            ldu_times.append(_timed(lambda: top_r_ldu(w, rank, cfg.factor_dtype, cfg.canonical_dtype), device))
+        for _ in range(repeats):  # _timed calls each lambda at once, before `del w` (B023/F821 do not apply)
+            ldu_times.append(_timed(
+                lambda: top_r_ldu(w, rank, cfg.factor_dtype, cfg.canonical_dtype), device))  # noqa: B023, F821
             if full_lu:
-                lu_times.append(_timed(lambda: torch.linalg.lu(w), device))
+                lu_times.append(_timed(lambda: torch.linalg.lu(w), device))  # noqa: B023, F821
         if i == 0 and full_lu:  # correctness on the first matrix: top-r pivots equal the full LU's leading pivots
             f = top_r_ldu(w, rank, cfg.factor_dtype, canonical_dtype=None)
             _, _, U = torch.linalg.lu(w)
@@ -74,8 +75,8 @@ def llama_injection_benchmark(n_matrices: int = LLAMA_7B_MATRICES, size: int = 4
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: python -m eval.bench_llama [--n-matrices N] [--smoke] [--device cuda]."""
-    p = argparse.ArgumentParser(prog="python -m eval.bench_llama", description=__doc__.split("\n")[0])
+    """Command line: python -m eval.bench.llama [--n-matrices N] [--smoke] [--device cuda]."""
+    p = argparse.ArgumentParser(prog="python -m eval.bench.llama", description=__doc__.split("\n")[0])
     p.add_argument("--n-matrices", type=int, default=LLAMA_7B_MATRICES)
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--rank", type=int, default=1024)

@@ -1,0 +1,77 @@
+"""Sections 1 and 2: injection time, top-r LDU vs a full LU, on the SD1.5 projection shapes and on LLaMA-7B shapes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import loldu_sd
+from loldu_sd import LoLDUConfig, top_r_ldu
+
+from .timing import clock, fmt, paired, rounds, summary, table
+
+SD15_SHAPES = [(320, 320, 30), (320, 768, 10), (640, 640, 30), (640, 768, 10), (1280, 1280, 36), (1280, 768, 12)]
+
+
+# ---- section 1: injection on the 128 SD1.5 projection shapes ------------------------------------------------------
+def bench_injection(args) -> dict:
+    """top_r_ldu at r=1, 8, 32 and add_loldu(r=32) vs a full torch.linalg.lu of all 128 weights, interleaved."""
+    shapes = SD15_SHAPES if not args.smoke else [(o // 10, i // 10, max(1, c // 10)) for o, i, c in SD15_SHAPES]
+    dev = torch.device(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    weights = [(torch.randn(o, i, generator=g) / i**0.5).to(dev) for o, i, c in shapes for _ in range(c)]
+    layers = nn.ModuleDict({f"l{k}": nn.Linear(w.shape[1], w.shape[0], bias=False, device=dev)
+                            for k, w in enumerate(weights)})
+    with torch.no_grad():
+        for k, w in enumerate(weights):
+            layers[f"l{k}"].weight.copy_(w)
+    cfgs = {r: LoLDUConfig(rank=r, target_modules=".*") for r in (1, 8, 32)}
+
+    def ours(r):
+        c = cfgs[r]
+        return lambda: [top_r_ldu(w, r, c.factor_dtype, c.canonical_dtype, c.pivot_eps) for w in weights]
+
+    def add():
+        loldu_sd.add_loldu(layers, cfgs[32])
+
+    def task():
+        out = {"full_lu": clock(lambda: [torch.linalg.lu(w) for w in weights], dev)}
+        out.update({f"top_r_ldu_r{r}": clock(ours(r), dev) for r in cfgs})
+        out["add_loldu_r32"] = clock(add, dev)
+        loldu_sd.remove_loldu(layers)
+        return out
+
+    times = rounds(task, args.repeats)
+    res = {"n_layers": len(weights), "n_params": sum(w.numel() for w in weights),
+           "shapes": [[o, i, c] for o, i, c in shapes], "times": {k: summary(v) for k, v in times.items()},
+           "speedup_vs_full_lu": {k: paired(times["full_lu"], v) for k, v in times.items() if k != "full_lu"}}
+    rows = [["full `torch.linalg.lu` (reference)", fmt(res["times"]["full_lu"]), "1×"]]
+    for k in times:
+        if k != "full_lu":
+            name = (f"`top_r_ldu` r={k.split('_r')[-1]}" if k.startswith("top")
+                    else "`add_loldu` r=32 (wrap + decompose)")
+            rows.append([name, fmt(res["times"][k]), fmt(res["speedup_vs_full_lu"][k], "×")])
+    print(f"\n### Injection: {len(weights)} SD1.5 attention projections ({res['n_params'] / 1e6:.1f} M params"
+          f"{', shapes ÷10 for smoke' if args.smoke else ''}), {args.device}\n")
+    print(table(["method", f"time for all {len(weights)}", "faster than full LU"], rows))
+    return res
+
+
+# ---- section 2: LLaMA-7B shapes ------------------------------------------------------------------------------------
+def bench_llama(args) -> dict:
+    """64 x 4096^2 at r=1024 vs full LU, from eval/bench/llama.py (its smoke mode is tiny)."""
+    try:
+        from .llama import llama_injection_benchmark
+    except ImportError as e:
+        print(f"\n### LLaMA injection\n\nskipped: eval/bench/llama.py not importable ({e})")
+        return {"skipped": f"eval.bench.llama not importable: {e}"}
+    res = llama_injection_benchmark(64, 4096, 1024, device=args.device, seed=args.seed, smoke=args.smoke)
+    n, size, rank = res.get("n_matrices"), res.get("size"), res.get("rank")
+    print(f"\n### LLaMA-7B-shaped injection: {n} × {size}² at r={rank}, {args.device}"
+          + (" (smoke: tiny sizes)" if args.smoke else "") + "\n")
+    rows = [["full `torch.linalg.lu` (reference)", f"{res.get('full_lu_total_s', float('nan')):.3g} s",
+             f"{res.get('full_lu_s_per_matrix', float('nan')):.3g} s", "1×"],
+            [f"`top_r_ldu` r={rank}", f"{res.get('top_r_ldu_total_s', float('nan')):.3g} s",
+             f"{res.get('top_r_ldu_s_per_matrix', float('nan')):.3g} s", f"{res.get('speedup', float('nan')):.3g}×"]]
+    print(table(["method", f"total for {n}", "mean per matrix", "faster than full LU"], rows))
+    print(f"\n(max |pivot difference| vs full LU on the first matrix: {res.get('max_pivot_diff_vs_full_lu')})")
+    return res

@@ -1,0 +1,182 @@
+"""What users type and upload: limits, the one-line StudioError, names, images, and the Train/Generate requests."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # type hints only: library.py imports this module
+    from .library import AdapterLibrary
+
+MAX_IMAGE_BYTES = 20 * 2**20
+MIN_IMAGES, MAX_IMAGES = 3, 10
+MAX_ADAPTER_BYTES = 20 * 2**20  # LoLDU files are kilobytes; anything this big is not one
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]  # never EPS/PDF: PIL shells out to Ghostscript for those
+NAME_MAX = 64
+MAX_MIX = 3  # adapter slots in the Generate tab
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Accepted ranges of every numeric field (the UI builds its sliders from these)."""
+
+    train_steps: tuple[int, int] = (1, 2000)
+    rank: tuple[int, int] = (1, 128)
+    learning_rate: tuple[float, float] = (1e-6, 0.1)
+    validation_every: tuple[int, int] = (1, 2000)
+    gen_steps: tuple[int, int] = (1, 150)
+    guidance: tuple[float, float] = (0.0, 30.0)
+    num_images: tuple[int, int] = (1, 8)
+    seed: tuple[int, int] = (0, 2**32 - 1)
+    weight: tuple[float, float] = (-2.0, 2.0)
+
+
+LIMITS = Limits()
+
+
+class StudioError(ValueError):
+    """Bad input or state; the message is one line, meant for the UI."""
+
+
+class StudioBusyError(StudioError):
+    """Another training job is running."""
+
+
+def check_range(what: str, value: Any, bounds: tuple[float, float], integer: bool = False) -> Any:
+    """`value` as a number within bounds, or a StudioError naming the field."""
+    try:
+        num = float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{what} must be a number, got {value!r}") from None
+    if num != num or not bounds[0] <= num <= bounds[1]:  # noqa: PLR0124  (num != num: NaN)
+        raise StudioError(f"{what} must be between {bounds[0]:g} and {bounds[1]:g}, got {value!r}")
+    if integer and num != int(num):
+        raise StudioError(f"{what} must be a whole number, got {value!r}")
+    return int(num) if integer else num
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitize_name(name: str | None) -> str:
+    """A safe adapter name: ASCII letters, digits, '-' and '_' only, at most 64 characters."""
+    clean = _UNSAFE.sub("_", str(name or "").strip()).strip("_-")[:NAME_MAX].strip("_-")
+    if not clean:
+        raise StudioError(f"adapter name {name!r} is empty once unsafe characters are removed; "
+                          "use letters, digits, '-' or '_'")
+    return clean
+
+
+def suggest_instance_prompt(class_noun: str, token: str = "sks") -> str:
+    """The DreamBooth-style prompt `a photo of sks <class>` for a class noun such as 'dog' or 'robot'."""
+    noun = " ".join(str(class_noun or "").split()) or "object"
+    return f"a photo of {token} {noun}"
+
+
+def _display(path: str | Path) -> str:
+    """Upload paths live in Gradio's cache; messages name the file only."""
+    return Path(path).name
+
+
+def load_images(paths: Sequence[str | Path], minimum: int = MIN_IMAGES, maximum: int = MAX_IMAGES
+                ) -> list[Image.Image]:
+    """Decode uploaded images with PIL (never trusting the extension): RGB, EXIF rotation applied, size-checked."""
+    paths = [p for p in (paths or []) if p]
+    if len(paths) < minimum:
+        raise StudioError(f"upload at least {minimum} images of the concept (got {len(paths)}); 3-5 work best")
+    if len(paths) > maximum:
+        raise StudioError(f"upload at most {maximum} images per run (got {len(paths)})")
+    images = []
+    for p in paths:
+        size = os.path.getsize(p)
+        if size > MAX_IMAGE_BYTES:
+            raise StudioError(f"{_display(p)}: {size / 2**20:.1f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB "
+                              "limit per image")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p, formats=IMAGE_FORMATS) as im:
+                    im.verify()  # structure and checksums; the image must be reopened afterwards
+                with Image.open(p, formats=IMAGE_FORMATS) as im:
+                    images.append(ImageOps.exif_transpose(im).convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            reason = "unsupported or not an image" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+            raise StudioError(f"{_display(p)}: not a readable image ({reason}); upload PNG, JPEG or WebP files"
+                              ) from None
+    return images
+
+
+@dataclass
+class GenerateRequest:
+    """One Generate-tab click: a prompt and up to MAX_MIX (adapter, weight) pairs."""
+
+    prompt: str
+    adapters: list[tuple[str, float]] = field(default_factory=list)
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    num_images: int = 1
+
+    def validated(self) -> GenerateRequest:
+        """A checked copy (StudioError on the first bad field); weight-0 and empty adapter slots are dropped."""
+        prompt = (self.prompt or "").strip()
+        if not prompt:
+            raise StudioError("the prompt is empty; describe the image, e.g. 'a photo of sks robot on the beach'")
+        mix: dict[str, float] = {}
+        for name, weight in self.adapters:
+            if not name:
+                continue
+            name = sanitize_name(name)
+            if name in mix:
+                raise StudioError(f"adapter {name!r} is picked twice; pick it once and set its weight")
+            weight = check_range(f"weight of {name}", weight, LIMITS.weight)
+            if weight != 0:
+                mix[name] = weight
+        if len(mix) > MAX_MIX:
+            raise StudioError(f"mix at most {MAX_MIX} adapters")
+        return GenerateRequest(
+            prompt=prompt, adapters=list(mix.items()), negative_prompt=(self.negative_prompt or "").strip(),
+            steps=check_range("steps", self.steps, LIMITS.gen_steps, integer=True),
+            guidance=check_range("guidance", self.guidance, LIMITS.guidance),
+            seed=check_range("seed", self.seed, LIMITS.seed, integer=True),
+            num_images=check_range("number of images", self.num_images, LIMITS.num_images, integer=True))
+
+
+@dataclass
+class TrainRequest:
+    """One Train-tab click."""
+
+    images: list[str]
+    instance_prompt: str
+    name: str
+    class_prompt: str = ""
+    steps: int = 100  # the paper reports concept acquisition in about 100 steps
+    rank: int = 32
+    learning_rate: float = 5e-4
+    seed: int = 42
+    validation_every: int = 25
+    num_class_images: int = 8  # prior-preservation images generated for the class prompt (few: this is an app)
+
+    def validate(self, library: AdapterLibrary | None = None) -> list[Image.Image]:
+        """Check every field (StudioError on the first problem) and normalise it in place; returns the images."""
+        self.instance_prompt = " ".join((self.instance_prompt or "").split())
+        if not self.instance_prompt:
+            raise StudioError("the instance prompt is empty; use e.g. 'a photo of sks robot' (sks = rare token)")
+        self.class_prompt = " ".join((self.class_prompt or "").split())
+        self.name = sanitize_name(self.name)
+        if library is not None and library.path(self.name).exists():
+            raise StudioError(f"an adapter named {self.name!r} already exists; pick another name or delete it")
+        self.steps = check_range("training steps", self.steps, LIMITS.train_steps, integer=True)
+        self.rank = check_range("rank", self.rank, LIMITS.rank, integer=True)
+        self.learning_rate = check_range("learning rate", self.learning_rate, LIMITS.learning_rate)
+        self.seed = check_range("seed", self.seed, LIMITS.seed, integer=True)
+        self.validation_every = check_range("preview every N steps", self.validation_every,
+                                            LIMITS.validation_every, integer=True)
+        return load_images(self.images)
