@@ -47,8 +47,9 @@ def test_bench_smoke_writes_every_field(tmp_path):
         worker = sd["train"][spec]
         assert "error" not in worker, worker.get("error")
         for key in ["inject_s_cold", "trainable", "floor_step/median", "step/median", "step_ratio/median",
-                    "floor_peak_bytes", "peak_bytes", "peak_increase_bytes"]:
+                    "floor_peak_bytes", "peak_bytes", "peak_increase_bytes", "floor_flops", "flops", "flops_ratio"]:
             assert has(worker, key), (spec, key)
+        assert worker["flops"] > 0 and worker["floor_flops"] > 0
         for key in ["inject/median", "infer/median", "infer_first/median", "infer_ratio/median", "infer_ratio/best",
                     "trainable"]:
             assert has(sd["rounds"][spec], key), (spec, key)

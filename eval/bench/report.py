@@ -25,17 +25,21 @@ def print_sd(res: dict, args) -> None:
           f"{res['resolution']} px (latent {res['latent']}²), batch 1, {args.device}; "
           f"{res['n_target_layers']} adapted layers\n")
     rows = [["floor: frozen base, grad to input only", "–", "0", "–",
-             f"{fmt(floor.get('floor_step'))} (1×)", f"peak {floor.get('floor_peak_bytes', 0) / 1e9:.2f} GB"]]
+             f"{fmt(floor.get('floor_step'))} (1×)", f"{floor.get('floor_flops', 0) / 1e9:.1f} GFLOP (1×)",
+             f"peak {floor.get('floor_peak_bytes', 0) / 1e9:.2f} GB"]]
     for spec in SD_METHODS:
         w, r, f = tr.get(spec, {}), rd.get(spec, {}), files.get(spec, {})
         step = "error: " + w["error"].strip().splitlines()[-1][:60] if "error" in w else \
             f"{fmt(w['step_ratio'], '×')} best {w['step_ratio']['best']:.3g}× [{w['step']['median']:.3g} s]"
         rows.append([Method.parse(spec).label, fmt(r.get("inject")), f"{r.get('trainable', 0):,}",
-                     f"{f['bytes'] / 1000:.1f} KB" if f else "n/a", step, _mb(w.get("peak_increase_bytes"))])
-    print(table(["method", "init (inject)", "trainable", "file", "train step vs floor [median]",
+                     f"{f['bytes'] / 1000:.1f} KB" if f else "n/a", step,
+                     f"{w['flops_ratio']:.4f}×" if "flops_ratio" in w else "n/a", _mb(w.get("peak_increase_bytes"))])
+    print(table(["method", "init (inject)", "trainable", "file", "train step vs floor [median]", "FLOPs vs floor",
                  f"peak {'RSS' if args.device == 'cpu' else 'allocated'} vs floor"], rows))
     print("\nStep = forward + backward + AdamW step (+ projection for ours); each method in its own process, "
-          "interleaved with floor steps there; peak = increase over that process's floor peak.\n")
+          "interleaved with floor steps there; peak = increase over that process's floor peak. FLOPs: "
+          "torch.utils.flop_counter over one step (matmuls and convolutions; the floor also backpropagates "
+          "through conv_in to the latent, which adapters do not need).\n")
     rows = [["base", fmt(rd["base"]["infer"]), "1×", "–", "–", "–", "–"]]
     for spec in SD_METHODS:
         r = rd[spec]

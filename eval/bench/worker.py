@@ -43,6 +43,15 @@ def train_step(unet, x, t, enc, target, opt, after=None) -> None:
         after()
 
 
+def step_flops(step) -> int:
+    """FLOPs that torch.utils.flop_counter counts in one call of `step`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def run_worker(args) -> None:
     """Fresh process: for each method in --worker (comma-separated), measure_method; write {spec: result} JSON."""
     import peft  # noqa: F401  (imported before the floor peak so its modules do not count as LoRA's memory)
@@ -84,7 +93,12 @@ def measure_method(unet: nn.Module, m: Method, args) -> dict:
         m.enable(unet)
         st.append(step())
     peak = peak_bytes(dev)
-    return {"method": m.spec, "inject_s_cold": inject_s, "trainable": count(params), "floor_step": summary(fl),
+    # machine-independent cost: FLOPs of one step (torch's FlopCounterMode: matmuls, convs; not elementwise ops)
+    m.disable(unet)
+    floor_flops = step_flops(lambda: train_step(unet, xf, t, enc, target, opt_floor))
+    m.enable(unet)
+    flops = step_flops(lambda: train_step(unet, x, t, enc, target, opt, lambda: m.after_step(unet)))
+    return {"method": m.spec, "floor_flops": floor_flops, "flops": flops, "flops_ratio": flops / floor_flops, "inject_s_cold": inject_s, "trainable": count(params), "floor_step": summary(fl),
             "step": summary(st), "step_ratio": paired(st, fl), "floor_peak_bytes": floor_peak, "peak_bytes": peak,
             "peak_increase_bytes": peak - floor_peak,
             "peak_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS (ru_maxrss)"}
