@@ -23,17 +23,26 @@ def wrap(linear: nn.Linear, **cfg) -> LoLDULinear:
     return model[0]
 
 
+PATHS = ["train", "train_many", "infer"]
+
+
 def run(layer: nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
-    """Forward on the training path (grad enabled) or the inference fast path (no_grad, many tokens)."""
-    if path == "train":
+    """Forward on a training path (grad enabled: few tokens low-rank, many tokens merged in fp32) or the inference
+    fast path (no_grad, many tokens)."""
+    if path.startswith("train"):
         return layer(x)
     with torch.no_grad():
         return layer(x)
 
 
 def inputs(n_in: int, path: str, dtype: torch.dtype) -> torch.Tensor:
-    tokens = 3 if path == "train" else 64  # 64 * (in + out) > in * out: the addmm path
+    tokens = 3 if path == "train" else 64  # 64 * (in + out) > 2 * in * out: the merged (addmm) paths
     return torch.randn(2, tokens, n_in).to(dtype)
+
+
+def merged_path(path: str, dtype: torch.dtype) -> bool:
+    """Whether `path` folds the delta into the weight (one addmm) for inputs of `dtype`."""
+    return path == "infer" or (path == "train_many" and dtype == torch.float32)
 
 
 @pytest.fixture
@@ -50,7 +59,7 @@ def count_addmm(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("path", ["train", "infer"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,7 +70,7 @@ def test_bit_identical_at_init(dtype, shape, bias, path, count_addmm):
     assert layer.weight is base.weight and layer.bias is base.bias  # shared, not copied
     x = inputs(shape[0], path, dtype)
     assert torch.equal(run(layer, x, path), run(ref, x, path))
-    assert bool(count_addmm) == (path == "infer")
+    assert bool(count_addmm) == merged_path(path, dtype)
 
 
 @pytest.mark.parametrize("path", ["train", "infer"])
@@ -75,7 +84,7 @@ def test_bit_identical_after_casting_an_injected_fp32_model(dtype, path, tiny_ne
     assert torch.equal(run(net, x, path), run(ref, x, path))
 
 
-@pytest.mark.parametrize("path", ["train", "infer"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(14, 10), (10, 14)])
 def test_random_z_sigma_match_the_papers_formula_float64(shape, path):
     n, m = shape
@@ -97,6 +106,34 @@ def test_random_z_sigma_match_the_papers_formula_float64(shape, path):
     expected = x @ (RSM + sigma * PL_r @ torch.diag(z) @ U_r).T + b
     y = run(layer, x, path)
     assert ((y.detach() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+def test_merged_training_path_matches_the_low_rank_path_values_and_gradients(count_addmm):
+    """Many tokens in fp32 take the merged autograd path; outputs and gradients (x, z, sigma, mixed adapters) agree
+    with the low-rank formula."""
+    torch.manual_seed(0)
+    layer = wrap(nn.Linear(24, 16), rank=6)
+    layer.add_adapter("b", LoLDUConfig(rank=3, target_modules=["0"]))
+    layer.set_active(["default", "b"], [0.7, -0.4])
+    params = loldu_parameters(layer)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 50, 24, requires_grad=True)
+
+    def grads(y):
+        out = torch.autograd.grad(y.sin().sum(), [x, *params])
+        return y.detach(), out
+
+    y_merged, g_merged = grads(layer(x))
+    assert count_addmm  # the merged path ran
+    s = layer.combined_diag()
+    B, A = layer.loldu_B[:, :6], layer.loldu_A[:6]
+    y_ref, g_ref = grads(torch.nn.functional.linear(x, layer.weight, layer.bias)
+                         + torch.nn.functional.linear(torch.nn.functional.linear(x, A) * s, B))
+    torch.testing.assert_close(y_merged, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_merged, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_reach_only_z_and_sigma(tiny_net):
