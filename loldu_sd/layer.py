@@ -215,6 +215,7 @@ class LoLDULinear(nn.Linear):
                 # inference on many tokens: one (m x n x r) weight update beats T (m + n) r extra work
                 return F.linear(x, torch.addmm(self.weight, B * s, A), self.bias)
         elif (low_rank_work > 2 * self.weight.numel() and x.dtype == torch.float32
+              and not torch.is_autocast_enabled(x.device.type)  # autocast: ops inside pick their own dtypes
               and not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)):
             # training on many tokens: merged forward and input gradient, only grad s needs the rank-r products
             return _MergedLoLDULinear.apply(x, self.weight, self.bias, B, A, s)

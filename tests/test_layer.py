@@ -134,6 +134,10 @@ def test_merged_training_path_matches_the_low_rank_path_values_and_gradients(cou
     torch.testing.assert_close(y_merged, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_merged, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    calls = len(count_addmm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps the low-rank path (and trains)
+        _, g_auto = grads(layer(x))
+    assert len(count_addmm) == calls and all(torch.isfinite(g).all() for g in g_auto)
 
 
 def test_gradients_reach_only_z_and_sigma(tiny_net):
