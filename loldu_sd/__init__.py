@@ -37,3 +37,12 @@ from .diffusers import (  # noqa: E402  (pipeline methods need the core above)
 )
 
 _register_pipeline_methods()
+
+__all__ = [
+    "INITS", "LOLDU_WEIGHT_NAME", "LDUFactors", "LoLDUBaseMismatchError", "LoLDUConfig", "LoLDUFormatError",
+    "LoLDULinear", "LoadedAdapter", "PRESETS", "add_loldu", "add_loldu_to_text_encoder", "add_loldu_to_unet",
+    "cast_loldu_parameters", "count_loldu_parameters", "export_lora", "find_targets", "get_loldu_adapters",
+    "get_loldu_config", "load_loldu", "loldu_adapter_names", "loldu_layers", "loldu_parameters", "loldu_scale",
+    "merge_loldu", "preset", "project_loldu_", "read_adapter_file", "remove_loldu", "save_loldu",
+    "set_loldu_adapters", "top_r_ldu", "unmerge_loldu",
+]

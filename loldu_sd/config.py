@@ -46,7 +46,8 @@ class LoLDUConfig:
         if self.factor_dtype not in ("float32", "float64"):
             raise ValueError(f"LoLDUConfig: factor_dtype must be 'float32' or 'float64', got {self.factor_dtype!r}")
         if self.canonical_dtype not in (None, "float16", "bfloat16", "float32"):
-            raise ValueError(f"LoLDUConfig: canonical_dtype must be None, 'float16', 'bfloat16' or 'float32', got {self.canonical_dtype!r}")
+            raise ValueError("LoLDUConfig: canonical_dtype must be None, 'float16', 'bfloat16' or 'float32', "
+                             f"got {self.canonical_dtype!r}")
         if self.sigma_max is not None and not (0 < self.sigma0 <= self.sigma_max):
             raise ValueError(
                 f"LoLDUConfig: sigma0 = alpha/rank = {self.sigma0:g} lies outside (0, sigma_max={self.sigma_max:g}]; "

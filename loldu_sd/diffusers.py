@@ -136,7 +136,8 @@ def resolve_adapter_file(path_or_repo_id: str | os.PathLike, weight_name: str | 
         if not f.is_file():
             raise FileNotFoundError(f"{p}: no {f.name} in this directory (pass weight_name=... to pick a file)")
         return f
-    if str(path_or_repo_id).startswith((".", "/", "~")) or os.sep in str(path_or_repo_id).strip("/").replace("/", "", 1):
+    text = str(path_or_repo_id)
+    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
         raise FileNotFoundError(f"{path_or_repo_id}: no such adapter file or directory")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -239,7 +240,8 @@ class LoLDULoaderMixin:
         comps = _components(self)
         name = adapter_name or _single_adapter(comps)
         comps = {c: m for c, m in comps.items() if name in loldu_adapter_names(m)}
-        return save_pipeline_adapter(save_directory, comps, name, base_model=getattr(self, "name_or_path", None) or self.config.get("_name_or_path", ""),
+        base_model = getattr(self, "name_or_path", None) or self.config.get("_name_or_path", "")
+        return save_pipeline_adapter(save_directory, comps, name, base_model=base_model,
                                      weight_name=weight_name)
 
     def set_loldu_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
@@ -280,7 +282,8 @@ class LoLDULoaderMixin:
         comps = _components(self)
         known = {n for m in comps.values() for n in loldu_adapter_names(m)}
         if any(n not in known for n in names):
-            raise ValueError(f"unknown LoLDU adapter(s) {[n for n in names if n not in known]}; loaded: {sorted(known)}")
+            unknown = [n for n in names if n not in known]
+            raise ValueError(f"unknown LoLDU adapter(s) {unknown}; loaded: {sorted(known)}")
         for m in comps.values():
             present = [n for n in names if n in loldu_adapter_names(m)]
             if present:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
     p.add_argument("--adapter", action="append", default=[], help="Adapter file or folder (repeatable to mix).")
     p.add_argument("--adapter_weight", action="append", type=float, default=[], help="Mixing weight per --adapter.")

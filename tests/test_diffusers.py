@@ -78,8 +78,12 @@ def test_save_unload_load_roundtrip(pipe, base, tmp_path):
     assert pipe.list_loldu_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
 
 
+def hooks(module):
+    """How many forward pre-hooks and forward hooks the module holds."""
+    return len(module._forward_pre_hooks), len(module._forward_hooks)
+
+
 def test_unload_and_deleting_the_last_adapter_leave_no_unet_hooks_behind(pipe, base, tmp_path):
-    hooks = (lambda u: (len(u._forward_pre_hooks), len(u._forward_hooks)))
     pipe.unload_loldu_weights()
     bare = hooks(pipe.unet)
     add(pipe, "a", text=True)

@@ -35,7 +35,7 @@ def run_python(args, tmp_path, **env):
 def test_score_cli_writes_table_json_csv(tmp_path):
     gen = save_noise(tmp_path / "gen", ["000_00.png", "001_00.png", "002_00.jpg"], seed=1)
     (gen / "broken.png").write_bytes(b"not a png")  # skipped with a warning naming it
-    ref = save_noise(tmp_path / "ref", ["a.png", "b.png"], seed=2)
+    save_noise(tmp_path / "ref", ["a.png", "b.png"], seed=2)
     (tmp_path / "prompts.txt").write_text("a sks dog in the snow\na red sks dog\n\na sks dog on the beach\n")
     r = run_python(["-m", "eval", "score", "--generated", "gen", "--reference", "ref", "--prompts", "prompts.txt",
                     "--backbones", "random-tiny", "--device", "cpu", "--out", "out"], tmp_path)

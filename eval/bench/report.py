@@ -82,13 +82,17 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
         out.append(row)
 
     inj, sd = res.get("injection", {}), res.get("sd", {})
-    med = lambda d: d["median"]
+    def med(d):
+        return d["median"]
+
     check("injection of the 128 SD1.5 shapes, r=32", "≤ 0.1 s", lambda: med(inj["times"]["top_r_ldu_r32"]),
           lambda v: v <= 0.1, lambda v: f"{v:.3g} s")
     check("injection vs full LU", "≥ 10× faster", lambda: med(inj["speedup_vs_full_lu"]["top_r_ldu_r32"]),
           lambda v: v >= 10, lambda v: f"{v:.3g}×")
     tr = sd.get("train", {})
-    best = lambda d: d["best"]
+    def best(d):
+        return d["best"]
+
     check("train step, ours r=32", "≤ 1.02× floor", lambda: med(tr["ours:32"]["step_ratio"]), lambda v: v <= 1.02,
           lambda v: f"{v:.3f}×", lambda: best(tr["ours:32"]["step_ratio"]))
     check("train step, ours r=32 vs LoRA r=4", "≤ LoRA r=4",

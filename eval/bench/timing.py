@@ -44,7 +44,9 @@ def fmt(st: dict | None, unit: str = "s", scale: float = 1.0) -> str:
     """'median (min-max) unit' with 3 significant digits; 'n/a' when missing."""
     if not st:
         return "n/a"
-    f = lambda v: f"{v * scale:.3g}" if abs(v * scale) < 1000 else f"{v * scale:.0f}"
+    def f(v):
+        return f"{v * scale:.3g}" if abs(v * scale) < 1000 else f"{v * scale:.0f}"
+
     sep = "" if unit == "×" else " "
     return f"{f(st['median'])}{sep}{unit} ({f(st['min'])}–{f(st['max'])})".strip()
 

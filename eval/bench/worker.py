@@ -77,14 +77,18 @@ def measure_method(unet: nn.Module, m: Method, args) -> dict:
     x, t, enc, target = workload(unet, args)
     xf = x.clone().requires_grad_(True)  # the floor: frozen base, backprop to the input latent only
     opt_floor = torch.optim.AdamW([xf], lr=1e-3)
-    floor = lambda: clock(lambda: train_step(unet, xf, t, enc, target, opt_floor), dev)
+    def floor():
+        return clock(lambda: train_step(unet, xf, t, enc, target, opt_floor), dev)
+
     for _ in range(2):  # warm-up; the second step settles the allocator before the floor peak is read
         floor()
     floor_peak = peak_bytes(dev)
     inject_s = clock(lambda: m.inject(unet), dev)
     params = m.params(unet)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    step = lambda: clock(lambda: train_step(unet, x, t, enc, target, opt, lambda: m.after_step(unet)), dev)
+    def step():
+        return clock(lambda: train_step(unet, x, t, enc, target, opt, lambda: m.after_step(unet)), dev)
+
     step()  # warm-up (creates the AdamW state)
     fl, st = [], []
     for _ in range(args.repeats):
@@ -98,7 +102,8 @@ def measure_method(unet: nn.Module, m: Method, args) -> dict:
     floor_flops = step_flops(lambda: train_step(unet, xf, t, enc, target, opt_floor))
     m.enable(unet)
     flops = step_flops(lambda: train_step(unet, x, t, enc, target, opt, lambda: m.after_step(unet)))
-    return {"method": m.spec, "floor_flops": floor_flops, "flops": flops, "flops_ratio": flops / floor_flops, "inject_s_cold": inject_s, "trainable": count(params), "floor_step": summary(fl),
+    return {"method": m.spec, "floor_flops": floor_flops, "flops": flops, "flops_ratio": flops / floor_flops,
+            "inject_s_cold": inject_s, "trainable": count(params), "floor_step": summary(fl),
             "step": summary(st), "step_ratio": paired(st, fl), "floor_peak_bytes": floor_peak, "peak_bytes": peak,
             "peak_increase_bytes": peak - floor_peak,
             "peak_kind": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS (ru_maxrss)"}

@@ -261,7 +261,7 @@ def _train(args, accelerator, callbacks: TrainingCallbacks, instance: list[Image
     result.adapter_path = adapter_path
     for hook in hooks:  # they hold the training models: let those go before the fresh pipeline loads
         hook.remove()
-    del optimizer, prepared, trained, components, m
+    optimizer = prepared = trained = components = m = None  # the closures above hold names, not the objects
     accelerator.free_memory()
 
     if main:
