@@ -1,7 +1,7 @@
 """Tiny offline Stable Diffusion pipelines for tests, demos and benchmarks.
 
 Every component is a real diffusers/transformers class with a tiny config, built from a seed, so the pipeline
-behaves like SD 1.x (or 2.x with `tiny_sd2_pipeline`) without downloading anything:
+behaves like SD 1.x (or 2.x with `tiny_sd2_pipeline`, SDXL with `tiny_sdxl_pipeline`) without downloading anything:
 
     pipe = tiny_pipeline(seed=0)                   # 64x64 images; 10 steps take ~0.1-0.5 s on one CPU thread
     save_tiny_pipeline("tiny-sd")                  # or: python -m loldu_sd.testing --save tiny-sd
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # annotations only; the imports are slow
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTokenizer
 
 CLIP_VOCAB_SIZE = 49408  # 256 byte chars + 256 byte chars with </w> + 48894 merges + 2 special tokens
@@ -201,6 +202,50 @@ def tiny_pipeline(seed: int = 0, scheduler: str = "ddim") -> StableDiffusionPipe
 def tiny_sd2_pipeline(seed: int = 0, scheduler: str = "ddim") -> StableDiffusionPipeline:
     """A seeded SD 2.x-style pipeline: per-level head counts, linear projections, GELU CLIP, v-prediction."""
     return _pipeline(seed, scheduler, sd2=True)
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A seeded SDXL-style pipeline: two CLIP text encoders (the second with a projection, as OpenCLIP bigG), their
+    hidden states concatenated for cross-attention, and the pooled embedding + size/crop ids as added conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL: no attention at the top level
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids x 8 + the pooled text embedding
+            norm_num_groups=32,
+        )
+        _reinit_(unet, unet.conv_out, out_gain=2.0)
+        vae = tiny_vae(seed)
+        text_encoder = tiny_text_encoder(seed)
+        config = tiny_text_encoder(seed + 1, sd2=True).config
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=tiny_scheduler("ddim"),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, sd2: bool = False) -> Path:

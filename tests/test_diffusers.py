@@ -233,3 +233,32 @@ def test_pipeline_methods_and_text_scale_whatever_the_import_order(diffusers_fir
         "StableDiffusionInpaintPipeline as P",
         "assert all(c.encode_prompt._loldu_text_scaled and c.load_loldu_weights for c in (T, I, P))"])
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sdxl_two_text_encoders_save_load_and_runtime_scale(tmp_path):
+    """SDXL: adapters on the UNet and both text encoders; exact at init, file round trip, cross_attention_kwargs."""
+    from loldu_sd.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    ref = images(pipe)
+    cfg = LoLDUConfig(rank=4)
+    loldu_sd.add_loldu_to_unet(pipe.unet, cfg, "a")
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        loldu_sd.add_loldu_to_text_encoder(encoder, cfg, "a")
+    assert torch.equal(images(pipe), ref)
+    for i, module in enumerate((pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
+        randomise(module, "a", seed=i + 1)
+    trained = images(pipe)
+    assert not torch.allclose(trained, ref, atol=1e-3)
+    assert torch.equal(images(pipe, cross_attention_kwargs={"scale": 0.0}), ref)
+    half = images(pipe, cross_attention_kwargs={"scale": 0.5})
+    pipe.set_loldu_adapters("a", 0.5)
+    assert torch.allclose(images(pipe), half, atol=1e-6)
+    pipe.set_loldu_adapters("a", 1.0)
+    path = pipe.save_loldu_weights(tmp_path)
+    pipe.unload_loldu_weights()
+    assert torch.equal(images(pipe), ref)
+    assert pipe.load_loldu_weights(path) == "a"
+    assert pipe.list_loldu_adapters() == {"unet": ["a"], "text_encoder": ["a"], "text_encoder_2": ["a"]}
+    assert torch.equal(images(pipe), trained)
