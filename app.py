@@ -115,7 +115,8 @@ def show_thumbnails(files):
     return good
 
 
-def train_check(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name):
+def train_check(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name,
+                request: gr.Request):
     """Fast pre-queue check: validates the form, and tells the user when they will wait behind another job."""
     req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
     try:
@@ -123,8 +124,10 @@ def train_check(files, instance_prompt, class_prompt, steps, rank, lr, seed, eve
     except StudioError as e:
         raise _error(e) from None
     if studio().training_busy():
+        if request and request.session_hash:
+            studio().note_waiting(request.session_hash)  # so that Cancel can withdraw it before it starts
         return status_html(text="Another training job is running; you are queued and will start automatically "
-                                "when it finishes.")
+                                "when it finishes (Cancel withdraws it).")
     return status_html(text="Starting...")
 
 
@@ -133,6 +136,9 @@ def train(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, na
     """Run one training job (one at a time: Gradio's queue) and stream progress, loss curve and previews."""
     req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
     owner = request.session_hash if request else ""
+    if owner and studio().take_waiting(owner):
+        yield status_html(text="Cancelled before it started: nothing was trained."), loss_frame(None), []
+        return
     try:  # StudioBusyError only for API callers that bypass the queue's concurrency limit
         job = studio().start_training(req, owner=owner or "")
     except StudioError as e:
@@ -145,11 +151,14 @@ def train(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, na
 
 
 def cancel(request: gr.Request):
-    """Stop this session's training job after its current step."""
-    if studio().cancel_training(owner=request.session_hash if request else None):
+    """Stop this session's training job after its current step, or withdraw it while it waits in the queue."""
+    what = studio().cancel_training(owner=request.session_hash if request else None)
+    if what == "running":
         gr.Info("cancelling after the current step; the last checkpoint will be saved")
+    elif what == "queued":
+        gr.Info("your queued training job is withdrawn; it will not start")
     else:
-        gr.Warning("no training job of yours is running")
+        gr.Warning("no training job of yours is running or queued")
 
 
 def generate(prompt, negative, steps, guidance, seed, num_images, *mix):

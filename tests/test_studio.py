@@ -335,7 +335,12 @@ def test_training_job_saves_into_the_library(studio):
     assert studio.training_busy()
     with pytest.raises(StudioBusyError, match="another training job is running"):
         studio.start_training(request("other"))
-    assert not studio.cancel_training(owner="s2")  # only the owner may cancel
+    assert studio.cancel_training(owner="s2") is None  # only the owner may cancel
+    studio.note_waiting("s3")  # s3 waits in the queue (app.train_check records it), then cancels
+    assert studio.cancel_training(owner="s3") == "queued" and not job.finished
+    assert studio.take_waiting("s3") and not studio.take_waiting("s3")  # its job, reaching the front, does not run
+    studio.note_waiting("s4")
+    assert not studio.take_waiting("s4")  # not cancelled: it runs
     snap = wait(job)
     assert snap.state == "done" and snap.step == 2 and [s for s, _ in snap.losses] == [1, 2], snap.message
     assert not studio.training_busy() and snap.adapter.name == "robot"
@@ -351,7 +356,7 @@ def test_cancel_keeps_the_last_checkpoint(studio):
     job = studio.start_training(request("cancelled", steps=500, validation_every=1000), owner="me")
     for snap in job.snapshots(interval=0.05):
         if snap.step >= 1:
-            assert studio.cancel_training(owner="me")
+            assert studio.cancel_training(owner="me") == "running"
             break
     snap = wait(job)
     assert snap.state == "cancelled" and 1 <= snap.step < 500 and "kept the last checkpoint" in snap.message

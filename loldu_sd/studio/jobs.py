@@ -33,6 +33,7 @@ class TrainingMixin:
     preview_images: int
     job: TrainingJob | None
     _train_lock: threading.Lock
+    _waiting: dict[str, bool]  # session -> cancel requested, for sessions queued behind a running job
 
     def training_busy(self) -> bool:
         """Whether a training job is running right now."""
@@ -53,13 +54,25 @@ class TrainingMixin:
             raise
         return job
 
-    def cancel_training(self, owner: str | None = None) -> bool:
-        """Ask the running job to stop after its current step (only its owner may, unless owner is None)."""
+    def cancel_training(self, owner: str | None = None) -> str | None:
+        """Cancel `owner`'s job: 'running' (stops after its current step; only its owner may, unless owner is None),
+        'queued' (a job waiting in the queue will not start), or None when there is nothing of theirs to cancel."""
         job = self.job
-        if job is None or job.finished or (owner is not None and job.owner != owner):
-            return False
-        job.cancel()
-        return True
+        if job is not None and not job.finished and (owner is None or job.owner == owner):
+            job.cancel()
+            return "running"
+        if owner is not None and owner in self._waiting:
+            self._waiting[owner] = True
+            return "queued"
+        return None
+
+    def note_waiting(self, owner: str) -> None:
+        """Record that `owner` submitted a job that waits in the queue, so that they can cancel it before it runs."""
+        self._waiting[owner] = False
+
+    def take_waiting(self, owner: str) -> bool:
+        """Called when `owner`'s queued job reaches the front: forget it; True if they cancelled it meanwhile."""
+        return self._waiting.pop(owner, False)
 
     def _run_job(self, job: TrainingJob) -> None:
         workdir = self.library.root / ".jobs" / job.id  # hidden: never listed, still inside the library folder

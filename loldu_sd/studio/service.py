@@ -61,6 +61,7 @@ class Studio(TrainingMixin):
         self._loaded: dict[str, tuple[tuple[int, int], str]] = {}  # library name -> ((mtime_ns, size), name in pipe)
         self._ids = itertools.count()
         self._train_lock = threading.Lock()
+        self._waiting: dict[str, bool] = {}
         self.job: TrainingJob | None = None
         if scratch_dir is None:  # downloads/exports go to the temp dir, which Gradio may serve
             scratch_dir = tempfile.mkdtemp(prefix="loldu-studio-")
