@@ -113,3 +113,47 @@ def test_upload_train_generate_in_chromium(app_server, tmp_path):  # noqa: F811
             screenshot(page, tmp_path, "app_library.png")
         finally:
             browser.close()
+
+
+def fill_train_form(page, name: str, steps: int, expect) -> None:
+    """Upload 3 concept images, write the prompt and adapter name, set the steps (previews only at the end)."""
+    page.locator("#train-images input[type=file]").set_input_files([str(p) for p in CONCEPT[:3]])
+    expect(page.locator("#train-thumbs img")).to_have_count(3)
+    page.locator("#instance-prompt textarea").fill("a photo of sks robot")
+    page.locator("#adapter-name textarea").fill(name)
+    page.get_by_text("Settings").click()
+    set_number(page, "train-steps", steps, expect)
+    set_number(page, "train-every", 2000, expect)
+
+
+def test_cancel_withdraws_a_queued_job_in_chromium(app_server, tmp_path):  # noqa: F811
+    """Two browser sessions: B queues behind A's running job, cancels while waiting, and nothing of B's is trained."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, lib = app_server
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            a, b = (browser.new_context().new_page() for _ in range(2))  # separate contexts: two sessions
+            for page in (a, b):
+                page.set_default_timeout(30_000)
+                page.goto(url)
+            fill_train_form(a, "long-run", 2000, expect)
+            a.locator("#train-start").click()
+            expect(a.locator("#train-progress")).to_contain_text(re.compile(r"step [1-9]\d*/2000"), timeout=90_000)
+
+            fill_train_form(b, "withdrawn", 2, expect)
+            b.locator("#train-start").click()
+            expect(b.locator("#train-status")).to_contain_text("you are queued")
+            b.locator("#train-cancel").click()
+            expect(b.get_by_text("your queued training job is withdrawn").first).to_be_visible()
+            assert a.locator("#train-progress[data-state=done]").count() == 0  # A's job runs on
+
+            a.locator("#train-cancel").click()
+            expect(a.locator("#train-progress[data-state=cancelled]")).to_be_visible(timeout=120_000)
+            expect(b.locator("#train-status")).to_contain_text("Cancelled before it started", timeout=120_000)
+            screenshot(b, tmp_path, "app_queued_cancel.png")
+            assert (lib / "long-run").is_dir() and not (lib / "withdrawn").exists()
+            assert "Traceback" not in a.content() + b.content()
+        finally:
+            browser.close()
