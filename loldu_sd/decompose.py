@@ -116,6 +116,5 @@ def top_r_ldu(
 
 def fingerprint(f: LDUFactors) -> torch.Tensor:
     """Compact float32 fingerprint of a base weight: (||W0||_F, sum|z0|, checksum of the pivot rows)."""
-    k = torch.arange(1, f.pivots.numel() + 1, dtype=torch.float64)
-    checksum = float((k * f.pivots.double().cpu()).sum()) % 16777213.0  # stays exact in float32 (< 2**24)
+    checksum = float(sum(k * p for k, p in enumerate(f.pivots.tolist(), 1))) % 16777213.0  # exact in float32
     return torch.tensor([f.weight_norm, float(f.z0.abs().sum()), checksum], dtype=torch.float32)

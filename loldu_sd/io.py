@@ -27,7 +27,7 @@ from torch import nn
 from .config import LoLDUConfig
 from .decompose import fingerprint, top_r_ldu
 from .layer import LoLDULinear
-from .model import _set_submodule, loldu_adapter_names, loldu_layers
+from .model import _replace_modules, _submodules, loldu_adapter_names, loldu_layers
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 1
@@ -152,7 +152,10 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
-    """Check everything against the model without changing it; returns (config, [(comp, name, z, sigma, factors)])."""
+    """Check everything against the model without changing it.
+
+    Returns (config, [(comp, name, z, sigma, factors, layer)]): the factors are computed here, once.
+    """
     try:
         config = LoLDUConfig.from_dict(json.loads(meta["config"]))
         layers = json.loads(meta["layers"])
@@ -171,17 +174,16 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
         if (z is None or sigma is None or fp is None or z.shape != (sum(ranks),)
                 or sigma.shape != (len(entries),) or fp.shape != (len(entries), 3)):
             raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
-        module, offset = comps[comp], 0
+        modules, offset = _submodules(comps[comp]), 0
         for i, (name, rank) in enumerate(entries):
             zi, offset = z[offset: offset + rank], offset + rank
             where = f"{comp}.{name}" if comp else name
             if not (torch.isfinite(zi).all() and torch.isfinite(sigma[i])):
                 raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
-            try:
-                layer = module.get_submodule(name)
-            except AttributeError:
+            layer = modules.get(name) if name else None
+            if layer is None:
                 raise LoLDUFormatError(f"{path}: target layer {where} does not exist in this model "
-                                       "(adapter made for another architecture)") from None
+                                       "(adapter made for another architecture)")
             if not isinstance(layer, nn.Linear):
                 raise LoLDUFormatError(f"{path}: target {where} is a {type(layer).__name__}, not a Linear layer")
             expected = min(config.rank, layer.in_features, layer.out_features)
@@ -201,7 +203,7 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                     f"(||W0|| {float(fp[i, 0]):.6g} in the file vs {float(mine[0]):.6g} here)")
             if mine[2] != fp[i, 2]:
                 pivot_drift.append(where)
-            plan.append((comp, name, zi, sigma[i], factors))
+            plan.append((comp, name, zi, sigma[i], factors, layer))
     if pivot_drift:
         warnings.warn(f"{path}: {len(pivot_drift)} layer(s) pivot differently from the model the adapter was trained "
                       f"on (e.g. {pivot_drift[0]}); base weights differ slightly (bf16 vs fp16 copy?)", stacklevel=3)
@@ -220,13 +222,16 @@ def load_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adap
             raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                    "or delete that adapter first")
     config, plan = _plan_load(path, tensors, meta, comps)
+    wrapped: dict[str, dict[str, LoLDULinear]] = {comp: {} for comp in comps}
+    for comp, layer_name, *_, layer in plan:
+        if not isinstance(layer, LoLDULinear):
+            wrapped[comp][layer_name] = LoLDULinear.from_linear(layer)
+    for comp, new in wrapped.items():
+        if new:
+            _replace_modules(comps[comp], new)
     with torch.no_grad():
-        for comp, layer_name, z, sigma, factors in plan:
-            module = comps[comp]
-            layer = module.get_submodule(layer_name)
-            if not isinstance(layer, LoLDULinear):
-                layer = LoLDULinear.from_linear(layer)
-                _set_submodule(module, layer_name, layer)
+        for comp, layer_name, z, sigma, factors, layer in plan:
+            layer = wrapped[comp].get(layer_name, layer)
             adapter = layer.add_adapter(name, config, factors=factors, layer_name=layer_name)
             adapter.z.copy_(z)
             adapter.sigma.copy_(sigma)

@@ -28,9 +28,17 @@ def find_targets(module: nn.Module, targets: list[str] | str) -> list[str]:
             if isinstance(m, nn.Linear) and n and n not in skip and _matches(n, targets)]
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+def _submodules(root: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule by every name it has: one walk, then O(1) lookups (get_submodule walks the path each time)."""
+    return dict(root.named_modules(remove_duplicate=False))
+
+
+def _replace_modules(root: nn.Module, new: dict[str, nn.Module], modules: dict[str, nn.Module] | None = None) -> None:
+    """Put new[name] in place of each named submodule of `root` (`modules`: a _submodules map to reuse)."""
+    modules = _submodules(root) if modules is None else modules
+    for name, module in new.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else root, child, module)
     structure_version[0] += 1
 
 
@@ -58,12 +66,15 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
                              f"Linear layers here look like {sample}")
     if any(adapter_name in layer.loldu_adapters for _, layer in loldu_layers(module)):
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
+    modules = _submodules(module)
+    missing = [name for name in layer_names if name not in modules]
+    if missing:
+        raise ValueError(f"no submodule named {missing[0]!r} in this {type(module).__name__}")
+    wrapped = {name: LoLDULinear.from_linear(modules[name]) for name in layer_names
+               if not isinstance(modules[name], LoLDULinear)}
+    _replace_modules(module, wrapped, modules)
     for name in layer_names:
-        layer = module.get_submodule(name)
-        if not isinstance(layer, LoLDULinear):
-            layer = LoLDULinear.from_linear(layer)
-            _set_submodule(module, name, layer)
-        layer.add_adapter(adapter_name, config, layer_name=name)
+        wrapped.get(name, modules[name]).add_adapter(adapter_name, config, layer_name=name)
     return module
 
 
@@ -144,12 +155,15 @@ def remove_loldu(module: nn.Module, adapter_names: str | list[str] | None = None
         adapter_names = [adapter_names]
     if adapter_names is not None:
         _check_names(module, adapter_names)
+    unwrapped = {}
     for name, layer in list(loldu_layers(module)):
         for n in list(layer.loldu_adapters) if adapter_names is None else adapter_names:
             if n in layer.loldu_adapters:
                 layer.delete_adapter(n)
         if not layer.loldu_adapters:
-            _set_submodule(module, name, layer.to_linear())
+            unwrapped[name] = layer.to_linear()
+    if unwrapped:
+        _replace_modules(module, unwrapped)
     return module
 
 
