@@ -27,7 +27,7 @@ from torch import nn
 from .config import LoLDUConfig
 from .decompose import fingerprint, top_r_ldu
 from .layer import LoLDULinear
-from .model import _replace_modules, _submodules, loldu_adapter_names, loldu_layers
+from .model import _submodules, _wrap_linears, loldu_adapter_names, loldu_layers
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 1
@@ -154,7 +154,8 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
     """Check everything against the model without changing it.
 
-    Returns (config, [(comp, name, z, sigma, factors, layer)]): the factors are computed here, once.
+    Returns (config, [(comp, name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed here,
+    once.
     """
     try:
         config = LoLDUConfig.from_dict(json.loads(meta["config"]))
@@ -163,7 +164,7 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
             raise TypeError("layers is not a JSON object")
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({e})") from None
-    plan, pivot_drift = [], []
+    plan, pivot_drift, maps = [], [], {}
     for comp, entries in layers.items():
         if comp not in comps:
             raise LoLDUFormatError(f"{path}: adapter has layers for component {comp!r}, which this model lacks "
@@ -174,7 +175,8 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
         if (z is None or sigma is None or fp is None or z.shape != (sum(ranks),)
                 or sigma.shape != (len(entries),) or fp.shape != (len(entries), 3)):
             raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
-        modules, offset = _submodules(comps[comp]), 0
+        modules = maps[comp] = _submodules(comps[comp])
+        offset = 0
         for i, (name, rank) in enumerate(entries):
             zi, offset = z[offset: offset + rank], offset + rank
             where = f"{comp}.{name}" if comp else name
@@ -203,11 +205,11 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                     f"(||W0|| {float(fp[i, 0]):.6g} in the file vs {float(mine[0]):.6g} here)")
             if mine[2] != fp[i, 2]:
                 pivot_drift.append(where)
-            plan.append((comp, name, zi, sigma[i], factors, layer))
+            plan.append((comp, name, zi, sigma[i], factors))
     if pivot_drift:
         warnings.warn(f"{path}: {len(pivot_drift)} layer(s) pivot differently from the model the adapter was trained "
                       f"on (e.g. {pivot_drift[0]}); base weights differ slightly (bf16 vs fp16 copy?)", stacklevel=3)
-    return config, plan
+    return config, plan, maps
 
 
 def load_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adapter_name: str | None = None
@@ -221,18 +223,12 @@ def load_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adap
         if name in loldu_adapter_names(module):
             raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                    "or delete that adapter first")
-    config, plan = _plan_load(path, tensors, meta, comps)
-    wrapped: dict[str, dict[str, LoLDULinear]] = {comp: {} for comp in comps}
-    for comp, layer_name, *_, layer in plan:
-        if not isinstance(layer, LoLDULinear):
-            wrapped[comp][layer_name] = LoLDULinear.from_linear(layer)
-    for comp, new in wrapped.items():
-        if new:
-            _replace_modules(comps[comp], new)
+    config, plan, maps = _plan_load(path, tensors, meta, comps)
+    layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
+              for comp, modules in maps.items()}
     with torch.no_grad():
-        for comp, layer_name, z, sigma, factors, layer in plan:
-            layer = wrapped[comp].get(layer_name, layer)
-            adapter = layer.add_adapter(name, config, factors=factors, layer_name=layer_name)
+        for comp, layer_name, z, sigma, factors in plan:
+            adapter = layers[comp][layer_name].add_adapter(name, config, factors=factors, layer_name=layer_name)
             adapter.z.copy_(z)
             adapter.sigma.copy_(sigma)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}

@@ -42,6 +42,14 @@ def _replace_modules(root: nn.Module, new: dict[str, nn.Module], modules: dict[s
     structure_version[0] += 1
 
 
+def _wrap_linears(root: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> dict[str, LoLDULinear]:
+    """The LoLDULinear at each name of `root`, wrapping (in place) the plain nn.Linear ones; `modules`: _submodules."""
+    wrapped = {n: LoLDULinear.from_linear(modules[n]) for n in names if not isinstance(modules[n], LoLDULinear)}
+    if wrapped:
+        _replace_modules(root, wrapped, modules)
+    return {n: wrapped.get(n, modules[n]) for n in names}
+
+
 def loldu_layers(module: nn.Module) -> Iterator[tuple[str, LoLDULinear]]:
     """(name, layer) for every LoLDU layer in `module`."""
     # Walking the SD UNet's ~1,100 modules costs ~1 ms; switching adapters and the per-call scale hook only need
@@ -70,11 +78,8 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
     missing = [name for name in layer_names if name not in modules]
     if missing:
         raise ValueError(f"no submodule named {missing[0]!r} in this {type(module).__name__}")
-    wrapped = {name: LoLDULinear.from_linear(modules[name]) for name in layer_names
-               if not isinstance(modules[name], LoLDULinear)}
-    _replace_modules(module, wrapped, modules)
-    for name in layer_names:
-        wrapped.get(name, modules[name]).add_adapter(adapter_name, config, layer_name=name)
+    for name, layer in _wrap_linears(module, layer_names, modules).items():
+        layer.add_adapter(adapter_name, config, layer_name=name)
     return module
 
 

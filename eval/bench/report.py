@@ -69,6 +69,12 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
     """Each issue target as PASS/MISS from this run's numbers (n/a when the section did not run)."""
     out = []
 
+    def med(d):
+        return d["median"]
+
+    def best_of(d):
+        return d["best"]
+
     def check(name, required, get, ok, show, get_best=None, ok_best=None, show_best=None):
         try:
             v = get()
@@ -82,23 +88,17 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
         out.append(row)
 
     inj, sd = res.get("injection", {}), res.get("sd", {})
-    def med(d):
-        return d["median"]
-
     check("injection of the 128 SD1.5 shapes, r=32", "≤ 0.1 s", lambda: med(inj["times"]["top_r_ldu_r32"]),
           lambda v: v <= 0.1, lambda v: f"{v:.3g} s")
     check("injection vs full LU", "≥ 10× faster", lambda: med(inj["speedup_vs_full_lu"]["top_r_ldu_r32"]),
           lambda v: v >= 10, lambda v: f"{v:.3g}×")
     tr = sd.get("train", {})
-    def best(d):
-        return d["best"]
-
     check("train step, ours r=32", "≤ 1.02× floor", lambda: med(tr["ours:32"]["step_ratio"]), lambda v: v <= 1.02,
-          lambda v: f"{v:.3f}×", lambda: best(tr["ours:32"]["step_ratio"]))
+          lambda v: f"{v:.3f}×", lambda: best_of(tr["ours:32"]["step_ratio"]))
     check("train step, ours r=32 vs LoRA r=4", "≤ LoRA r=4",
           lambda: (med(tr["ours:32"]["step_ratio"]), med(tr["lora:4"]["step_ratio"])), lambda v: v[0] <= v[1],
           lambda v: f"{v[0]:.3f}× vs {v[1]:.3f}× floor",
-          lambda: (best(tr["ours:32"]["step_ratio"]), best(tr["lora:4"]["step_ratio"])))
+          lambda: (best_of(tr["ours:32"]["step_ratio"]), best_of(tr["lora:4"]["step_ratio"])))
     check("peak memory, ours r=32", "≤ LoRA r=4",
           lambda: (tr["ours:32"]["peak_increase_bytes"], tr["lora:4"]["peak_increase_bytes"]),
           lambda v: v[0] <= v[1], lambda v: f"{v[0] / 1e6:+.0f} MB vs {v[1] / 1e6:+.0f} MB")
@@ -111,11 +111,11 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
     check("switch between two adapters", "≤ 6 ms", lambda: med(sd["pipeline"]["switch"]["ours:32"]),
           lambda v: v <= 0.006, lambda v: f"{v * 1e3:.3g} ms")
     check("unfused inference, ours r=32", "≤ 1.03× base", lambda: med(sd["rounds"]["ours:32"]["infer_ratio"]),
-          lambda v: v <= 1.03, lambda v: f"{v:.3f}×", lambda: best(sd["rounds"]["ours:32"]["infer_ratio"]))
+          lambda v: v <= 1.03, lambda v: f"{v:.3f}×", lambda: best_of(sd["rounds"]["ours:32"]["infer_ratio"]))
     check("fused inference, ours r=32", "= base (within noise)", lambda: sd["rounds"]["ours:32"]["infer_fused_ratio"],
           lambda v: v["min"] <= 1 <= v["max"] or abs(v["median"] - 1) <= 0.02,
           lambda v: f"{v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f})",
-          lambda: best(sd["rounds"]["ours:32"]["infer_fused_ratio"]), lambda v: v <= 1.03,
+          lambda: best_of(sd["rounds"]["ours:32"]["infer_fused_ratio"]), lambda v: v <= 1.03,
           lambda v: f"{v:.3f}× (no extra cost: ≤ 1.03×)")
     print("\n### Targets (from this run)" + (" — smoke run on tiny shapes: not meaningful" if smoke else "") + "\n")
     word = {True: "PASS", False: "MISS", None: "n/a"}
