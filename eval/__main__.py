@@ -1,6 +1,7 @@
 """`python -m eval {score,dreambooth}`: DreamBooth's DINO / CLIP-I / CLIP-T scores (see eval.scorer, eval.dreambooth).
 
     python -m eval score --generated outs/dog --reference data/dog --prompts outs/dog/prompts.txt --out scores/dog
+    python -m eval sanity       # toy world: the judges' sanity table and the base model's attribute accuracy
     python -m eval dreambooth --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --subject dog --adapter outputs/dog --reference data/dog --with_base --out eval_dog
 
@@ -51,6 +52,27 @@ def run_score(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_sanity(args: argparse.Namespace) -> dict:
+    """`sanity`: the toy-world judges' sanity table and the base model's attribute accuracy; print and write them."""
+    from loldu_sd.toyworld import load_pipeline
+    from loldu_sd.toyworld.judges import load_judges
+
+    from .scorer import markdown_table, write_json
+    from .toyworld import (ACCURACY_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS, attribute_accuracy, sanity_rows,
+                           toyworld_scorer)
+
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    rows = sanity_rows(toyworld_scorer(args.judges), pipe, args.samples, args.seed)
+    print("Judges' sanity table (cosine; * = toy-world judge):\n")
+    print(markdown_table(rows, SANITY_COLUMNS, SANITY_HEADERS))
+    accuracy = attribute_accuracy(pipe, load_judges(args.judges), args.probe_prompts, args.seed)
+    print("\nAttribute accuracy (zero-shot image-text judge; 'rendered' = the probe on true renders):\n")
+    print(markdown_table(accuracy, ACCURACY_COLUMNS))
+    result = {"sanity": rows, "attribute_accuracy": accuracy}
+    print(f"\nwrote {write_json(Path(args.out) / 'sanity.json', result)}")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m eval` parser with its two subcommands."""
     from . import dreambooth
@@ -72,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description=dreambooth.__doc__, formatter_class=fmt)
     dreambooth.add_arguments(d)
     add_scorer_arguments(d)
+    t = sub.add_parser("sanity", help="Toy world: judges' sanity table and the base model's attribute accuracy.")
+    from loldu_sd.toyworld import JUDGES_DIR, PIPELINE_DIR
+
+    t.add_argument("--pretrained_model_name_or_path", default=str(PIPELINE_DIR), help="Toy-world pipeline folder.")
+    t.add_argument("--judges", default=str(JUDGES_DIR), help="Toy-world judges folder.")
+    t.add_argument("--samples", type=int, default=8, help="Base-model samples of each class prompt.")
+    t.add_argument("--probe_prompts", type=int, default=48, help="Prompts per attribute-accuracy row.")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="eval_sanity", help="Folder for sanity.json.")
     return p
 
 
@@ -83,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             run_score(args)
+        elif args.command == "sanity":
+            run_sanity(args)
         else:
             from .dreambooth import run
 

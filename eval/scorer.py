@@ -184,8 +184,10 @@ class Scorer:
         """The backbones in use, for reports (with a warning flag for random-weight ones)."""
         dino = self.dino_model + (f" ({self.dino_weights})" if self.dino_weights else "")
         clip = f"{self.clip_model}/{self.clip_pretrained}" + (f" ({self.clip_weights})" if self.clip_weights else "")
-        dino = "injected" if self.dino_embed_fn else dino
-        clip = "injected" if self.clip_image_embed_fn else RANDOM_TINY if self.clip_model == RANDOM_TINY else clip
+        named = self.dino_model.startswith("toyworld")  # the toy world's judges are injected under their own names
+        dino = "injected" if self.dino_embed_fn and not named else dino
+        clip = self.clip_model if named else "injected" if self.clip_image_embed_fn else \
+            RANDOM_TINY if self.clip_model == RANDOM_TINY else clip
         out = {"dino_backbone": dino, "clip_backbone": clip}
         if RANDOM_TINY in (dino, clip):
             out["note"] = NOT_MEANINGFUL
@@ -327,9 +329,10 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
 def add_scorer_arguments(p) -> None:
     """Backbone, variant and CLIP-T text options."""
     g = p.add_argument_group("scoring")
-    g.add_argument("--backbones", choices=["pretrained", RANDOM_TINY], default="pretrained",
-                   help=f"'{RANDOM_TINY}': tiny random-weight DINO and CLIP built locally (offline tests; numbers "
-                        "NOT meaningful). Overrides --dino_model/--clip_model.")
+    g.add_argument("--backbones", choices=["pretrained", "toyworld", RANDOM_TINY], default="pretrained",
+                   help="'toyworld': the embedded toy world's judges (trained here; for toy-world images). "
+                        f"'{RANDOM_TINY}': tiny random-weight DINO and CLIP built locally (offline tests; numbers "
+                        "NOT meaningful). Both override --dino_model/--clip_model.")
     g.add_argument("--dino_model", default="dino_vits16",
                    help=f"dino_vits16 (timm {DINO_MODELS['dino_vits16']}), any timm model name, or {RANDOM_TINY}")
     g.add_argument("--dino_weights", default=None, help="Local DINO weights file (offline use).")
@@ -347,6 +350,10 @@ def add_scorer_arguments(p) -> None:
 
 def scorer_from_args(args) -> Scorer:
     """A Scorer from add_scorer_arguments' options."""
+    if args.backbones == "toyworld":
+        from .toyworld import toyworld_scorer
+
+        return toyworld_scorer(variant=args.variant, device="cpu", batch_size=args.batch_size)
     tiny = args.backbones == RANDOM_TINY
     return Scorer(RANDOM_TINY if tiny else args.dino_model, RANDOM_TINY if tiny else args.clip_model,
                   args.clip_pretrained, args.dino_weights, args.clip_weights, variant=args.variant,

@@ -1,0 +1,131 @@
+"""Scoring on the embedded toy world: `--backbones toyworld`, the judges' sanity table, the base model's accuracy.
+
+    python -m eval sanity                     # judges' sanity table + the base model's attribute accuracy
+    python -m eval score --backbones toyworld --generated outs/star --reference assets/toyworld/concepts/star ...
+
+The judges (loldu_sd.toyworld.judges) play DINO (instance encoder) and CLIP (image-text model). Attribute accuracy
+asks the image-text judge, zero-shot, which kind, colour and background colour a sample shows, among captions that
+differ only in that attribute; the same probe on rendered scenes says how far the probe itself can be trusted.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from loldu_sd.toyworld import CONCEPTS_DIR, GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
+from loldu_sd.toyworld.concepts import CONCEPTS
+from loldu_sd.toyworld.world import COLOURS, HELD_OUT_PAIRS, KINDS, Scene, Thing, render
+
+from .scorer import Scorer, load_images
+
+TOYWORLD = "toyworld"
+
+
+def toyworld_scorer(judges_dir: str | Path = JUDGES_DIR, **kwargs) -> Scorer:
+    """A Scorer whose DINO is the toy world's instance encoder and whose CLIP is its image-text model."""
+    from loldu_sd.toyworld.judges import load_judges
+
+    judges = load_judges(judges_dir)
+    return Scorer("toyworld-instance", "toyworld-image-text", dino_embed_fn=judges.embed_instances,
+                  clip_image_embed_fn=judges.embed_images, clip_text_embed_fn=judges.embed_texts, **kwargs)
+
+
+def concept_images(name: str):
+    """The committed instance photos of a held-out concept."""
+    return load_images(CONCEPTS_DIR / name)[0]
+
+
+def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16) -> list:
+    """One image per prompt, seeded per position (the i-th image always uses seed + i)."""
+    images = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        images += pipe(chunk, generator=gens, guidance_scale=GUIDANCE_SCALE, num_inference_steps=INFERENCE_STEPS,
+                       height=64, width=64).images
+    return images
+
+
+def sanity_rows(scorer: Scorer, pipe, samples: int = 8, seed: int = 0) -> list[dict]:
+    """Per concept: its photos against each other, other concepts' photos, base samples of its class, captions."""
+    rows = []
+    for name, concept in CONCEPTS.items():
+        ref = scorer.embed_images(concept_images(name))
+        others = [im for other in CONCEPTS if other != name for im in concept_images(other)]
+        base = generate(pipe, [concept.class_prompt] * samples, seed)
+        real, vs_others = scorer.score_real(ref), scorer.score(others, ref)
+        vs_base = scorer.score(base, ref)
+        unrelated = [c.class_prompt for c in CONCEPTS.values() if c is not concept]
+        text_match = scorer.score(ref, ref, [concept.class_prompt] * len(ref))["clip_t"]
+        text_other = sum(scorer.score(ref, ref, [u] * len(ref))["clip_t"] for u in unrelated) / len(unrelated)
+        rows.append({"concept": name, "real_dino": real["dino"], "real_clip_i": real["clip_i"],
+                     "others_dino": vs_others["dino"], "others_clip_i": vs_others["clip_i"],
+                     "base_dino": vs_base["dino"], "base_clip_i": vs_base["clip_i"],
+                     "clip_t_match": text_match, "clip_t_unrelated": text_other})
+    return rows
+
+
+SANITY_COLUMNS = ["concept", "real_dino", "others_dino", "base_dino", "real_clip_i", "others_clip_i", "base_clip_i",
+                  "clip_t_match", "clip_t_unrelated"]
+SANITY_HEADERS = ["concept", "DINO* real", "DINO* other concepts", "DINO* base class samples", "CLIP-I* real",
+                  "CLIP-I* other concepts", "CLIP-I* base class samples", "CLIP-T* own class",
+                  "CLIP-T* other classes"]
+
+
+# ---- attribute accuracy ----------------------------------------------------------------------------------------
+def probe_prompts(held_out: bool, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(kind, colour, background colour) triples: seen colour x kind pairs, or the held-out ones."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        kind, colour = rng.choice(KINDS), rng.choice(list(COLOURS))
+        if ((colour, kind) in HELD_OUT_PAIRS) != held_out:
+            continue
+        out.append((kind, colour, rng.choice([c for c in COLOURS if c != colour])))
+    return out
+
+
+def prompt_of(kind: str, colour: str, bg: str) -> str:
+    """The probe's caption for one triple."""
+    return f"a photo of a {colour} {kind} on a {bg} background"
+
+
+@torch.no_grad()
+def attribute_hits(judges, images, triples) -> dict[str, list[bool]]:
+    """Zero-shot: for each image, is the best-matching caption's kind / colour / background the prompted one?"""
+    emb = judges.embed_images(images)
+    hits = {"kind": [], "colour": [], "background": []}
+    for e, (kind, colour, bg) in zip(emb, triples):
+        options = {"kind": [(k, colour, bg) for k in KINDS], "colour": [(kind, c, bg) for c in COLOURS if c != bg],
+                   "background": [(kind, colour, b) for b in COLOURS if b != colour]}
+        for attr, cands in options.items():
+            sims = judges.embed_texts([prompt_of(*c) for c in cands]) @ e
+            hits[attr].append(cands[int(sims.argmax())] == (kind, colour, bg))
+    return hits
+
+
+def rendered(triples, seed: int = 0) -> list:
+    """Rendered scenes for triples (plain background, medium size, random placement): the probe's own check."""
+    rng = random.Random(seed)
+    return [render(Scene((Thing(k, c, (), (rng.uniform(20, 44), rng.uniform(20, 44)), 12.0),), "plain", b))
+            for k, c, b in triples]
+
+
+def attribute_accuracy(pipe, judges, n: int = 48, seed: int = 0) -> list[dict]:
+    """Rows: (source, pairs) -> fraction right for kind, colour, background, and all three."""
+    rows = []
+    for held_out in (False, True):
+        triples = probe_prompts(held_out, n, seed)
+        for source in ("rendered", "base model"):
+            images = rendered(triples, seed) if source == "rendered" else generate(
+                pipe, [prompt_of(*t) for t in triples], seed)
+            hits = attribute_hits(judges, images, triples)
+            all3 = [all(h) for h in zip(*hits.values())]
+            rows.append({"images": source, "pairs": "held-out" if held_out else "seen", "n": n,
+                         **{k: sum(v) / n for k, v in hits.items()}, "all": sum(all3) / n})
+    return rows
+
+
+ACCURACY_COLUMNS = ["images", "pairs", "n", "kind", "colour", "background", "all"]

@@ -1,0 +1,36 @@
+"""The embedded toy world: a genuinely pretrained text-to-image pipeline, its judges and held-out concepts.
+
+Everything here was trained by `python -m loldu_sd.toyworld.pretrain` on 2 CPU cores and is committed under
+assets/toyworld (fp16 safetensors), so it loads offline:
+
+    from loldu_sd.toyworld import PIPELINE_DIR, load_pipeline
+    pipe = load_pipeline()                       # a real StableDiffusionPipeline, 64x64 images
+    pipe("a photo of a red star on a blue background", guidance_scale=4.0).images[0]
+
+Modules: world (scenes, rendering, captions), concepts (held-out DreamBooth subjects), models (component configs),
+pretrain (the training command), judges (instance encoder and image-text model for `eval --backbones toyworld`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
+PIPELINE_DIR = ASSETS_DIR / "pipeline"
+JUDGES_DIR = ASSETS_DIR / "judges"
+CONCEPTS_DIR = ASSETS_DIR / "concepts"
+GUIDANCE_SCALE = 4.0  # what the toy model was tuned for; SD's 7.5 over-saturates its flat colours
+INFERENCE_STEPS = 20
+
+
+def load_pipeline(path: str | Path = PIPELINE_DIR, dtype=None):
+    """The pretrained toy-world StableDiffusionPipeline (fp32 unless `dtype`), progress bar off."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no toy-world pipeline at {path} (model_index.json missing); the repository ships "
+                                "it under assets/toyworld/pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(path).to(dtype=dtype or torch.float32)  # stored fp16, loads fp32
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

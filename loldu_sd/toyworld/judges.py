@@ -1,0 +1,196 @@
+"""The toy world's judges: what DINO and CLIP are to Stable Diffusion, trained here on the toy world.
+
+  instance encoder   a small CNN trained contrastively to tell *instances* apart: two photos of the same object
+                     (kind, colour, decorations) on other backgrounds, positions and sizes are positives. It sees a
+                     wider world than the generator (up to two decorations, two-tone, checkers, eyes), as DINO saw
+                     more than dogs, but never the held-out concepts themselves. The DINO analogue.
+  image-text model   a CNN image tower and a CLIPTextModel text tower trained with CLIP's contrastive loss on
+                     captioned scenes. Its image tower is the CLIP-I analogue, image-text cosine the CLIP-T analogue.
+
+    judges = load_judges("assets/toyworld/judges")
+    judges.embed_instances(images), judges.embed_images(images), judges.embed_texts(prompts)   # [N, 128] each
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .concepts import is_held_out
+from .models import toy_tokenizer
+from .world import COLOURS, DECORATIONS, KINDS, RICH_DECORATIONS, caption, render, sample_scene
+
+EMBED_DIM = 128
+INSTANCE_FILE, IMAGE_TEXT_FILE = "instance_encoder.safetensors", "image_text.safetensors"
+
+
+class ConvEncoder(nn.Module):
+    """64x64 RGB -> EMBED_DIM: a stride-2 stem, three stride-2 conv stages (GroupNorm, SiLU), average pool, linear."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 128), dim: int = EMBED_DIM):
+        super().__init__()
+        # a stride-2 stem: 32x32 feature maps keep 2-pixel details of a 64x64 image at a quarter of the cost
+        layers, c = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1), nn.GroupNorm(8, widths[0]), nn.SiLU()], widths[0]
+        for w in widths[1:]:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+                       nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
+            c = w
+        self.body, self.head = nn.Sequential(*layers), nn.Linear(c, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+class ImageText(nn.Module):
+    """CLIP in miniature: a ConvEncoder image tower, a CLIPTextModel text tower, a projection and a learnt scale."""
+
+    def __init__(self, vocab_size: int, bos: int, eos: int, pad: int):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        self.image = ConvEncoder()
+        config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=32, bos_token_id=bos,
+                                eos_token_id=eos, pad_token_id=pad)
+        self.text = CLIPTextModel(config)
+        self.text_proj = nn.Linear(128, EMBED_DIM, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text(input_ids).pooler_output)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images (any size or mode) -> [N, 3, 64, 64] in [-1, 1]."""
+    from PIL import Image
+
+    arr = [np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
+           for im in images]
+    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+@dataclass
+class Judges:
+    """The two trained judges with the tokenizer, as embedding functions (lists in, L2-normalised [N, D] out)."""
+
+    instance: ConvEncoder
+    image_text: ImageText
+    tokenizer: object
+
+    @torch.no_grad()
+    def embed_instances(self, images) -> torch.Tensor:
+        return F.normalize(self.instance(to_tensor(images)).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        return F.normalize(self.image_text.image(to_tensor(images)).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts) -> torch.Tensor:
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=32, truncation=True,
+                             return_tensors="pt").input_ids
+        return F.normalize(self.image_text.encode_text(ids).float(), dim=-1)
+
+
+def new_image_text(tokenizer) -> ImageText:
+    """An untrained ImageText model for the toy tokenizer."""
+    return ImageText(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def load_judges(folder: str | Path) -> Judges:
+    """Load both judges from a folder written by `save_judges` (safetensors only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    missing = [f for f in (INSTANCE_FILE, IMAGE_TEXT_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"toy-world judges: {', '.join(missing)} not found in {folder}")
+    tokenizer = toy_tokenizer()
+    instance, image_text = ConvEncoder(), new_image_text(tokenizer)
+    instance.load_state_dict({k: v.float() for k, v in load_file(folder / INSTANCE_FILE).items()})
+    image_text.load_state_dict({k: v.float() for k, v in load_file(folder / IMAGE_TEXT_FILE).items()})
+    return Judges(instance.eval(), image_text.eval(), tokenizer)
+
+
+def save_judges(judges: Judges, folder: str | Path) -> Path:
+    """Write both judges as fp16 safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for module, name in ((judges.instance, INSTANCE_FILE), (judges.image_text, IMAGE_TEXT_FILE)):
+        save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, folder / name)
+    return folder
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+def sample_instance(rng: random.Random) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """An instance from the judges' wider world: up to two decorations of any kind, never a held-out concept."""
+    while True:
+        kind, colour = rng.choice(KINDS), rng.choice(list(COLOURS))
+        names = rng.sample(DECORATIONS + RICH_DECORATIONS, k=rng.choice((0, 1, 1, 2, 2)))
+        decorations = tuple((n, rng.choice([c for c in COLOURS if c != colour])) for n in names)
+        if not is_held_out(kind, colour, decorations):
+            return kind, colour, decorations
+
+
+def _soft_targets(keys: list) -> torch.Tensor:
+    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def _contrastive(a: torch.Tensor, b: torch.Tensor, keys: list, scale: torch.Tensor | float) -> torch.Tensor:
+    logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    targets = _soft_targets(keys)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def _train_loop(model: nn.Module, steps: int, loss_fn, log_path: Path, lr: float = 2e-3) -> None:
+    from .pretrain import Log, lr_at
+
+    opt, log = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), Log(log_path)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 100)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.add(step, loss.item())
+
+
+def train_judges(out: Path, steps: int, seed: int, batch: int = 48) -> Judges:
+    """Train both judges (instances: `batch` objects x 2 views; image-text: 2 x `batch` captioned scenes)."""
+    torch.manual_seed(seed)
+    tokenizer = toy_tokenizer()
+    instance, image_text = ConvEncoder(), new_image_text(tokenizer)
+
+    def instance_loss(step: int) -> torch.Tensor:
+        rng = random.Random(seed * 1_000_003 + 900_000 + step)
+        objs = [sample_instance(rng) for _ in range(batch)]
+        views = [render(sample_scene(rng, obj=o)) for o in objs for _ in range(2)]
+        z = instance(to_tensor(views)).view(batch, 2, -1)
+        return _contrastive(z[:, 0], z[:, 1], [repr(o) for o in objs], 10.0)
+
+    def image_text_loss(step: int) -> torch.Tensor:
+        rng = random.Random(seed * 1_000_003 + 950_000 + step)
+        scenes = [sample_scene(rng) for _ in range(2 * batch)]
+        captions = [caption(s) for s in scenes]
+        ids = tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
+        img = image_text.image(to_tensor([render(s) for s in scenes]))
+        scale = image_text.logit_scale.exp().clamp(max=100)
+        return _contrastive(img, image_text.encode_text(ids), captions, scale)
+
+    _train_loop(instance, steps, instance_loss, out / "judge_instance_loss.jsonl")
+    _train_loop(image_text, steps, image_text_loss, out / "judge_image_text_loss.jsonl")
+    judges = Judges(instance.eval(), image_text.eval(), tokenizer)
+    save_judges(judges, out / "judges")
+    (out / "judges" / "training.json").write_text(json.dumps({"steps": steps, "seed": seed, "batch": batch}) + "\n")
+    return judges

@@ -1,0 +1,129 @@
+"""The toy world's pipeline components: real diffusers/transformers classes with small configs.
+
+    tokenizer = toy_tokenizer()        # CLIPTokenizer whose BPE merges spell the world's words (~1k tokens)
+    build_text_encoder(tokenizer), build_unet(), build_vae(), train_scheduler(), sample_scheduler()
+
+Images are 64x64; the VAE downsamples by 4 to 16x16x4 latents (SD downsamples 512 by 8 to 64x64x4). Words outside
+the world's vocabulary (such as the identifier "sks") fall apart into byte-level tokens that pretraining never
+trains: exactly what DreamBooth wants from a rare identifier.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ..testing import BOS, EOS, SD_BETAS, _byte_chars
+from .world import BACKGROUNDS, COLOURS, DECORATIONS, KINDS, PLURALS, POSITIONS, RICH_DECORATIONS, SIZES
+
+MAX_LENGTH = 32
+EXTRA_WORDS = ("a an of the photo two with and on in background half", "dog cat robot toy thing shape object")
+
+
+def vocabulary_words() -> list[str]:
+    """Every whole word the tokenizer spells as one token (the world's caption words plus a few common ones)."""
+    words = set(" ".join(EXTRA_WORDS).split())
+    words |= set(KINDS) | set(PLURALS.values()) | set(COLOURS) | set(SIZES) | set(BACKGROUNDS)
+    words |= set(DECORATIONS) | {w for d in RICH_DECORATIONS for w in d.split("-")}
+    words |= {w for p in POSITIONS for w in p.split()} | {"striped", "gradient", "plain", "dot", "dots", "outline"}
+    return sorted(words)
+
+
+def bpe_merges(words: list[str]) -> list[str]:
+    """BPE learnt on the word list: merge the most frequent adjacent pair until every word is one token.
+
+    Learnt merges applied by rank reproduce the learnt segmentation, so each listed word becomes one token.
+    """
+    pieces = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for p in pieces:
+            for pair in zip(p, p[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=lambda pair: (counts[pair], pair))  # ties broken by the pair itself: deterministic
+        merges.append(" ".join(best))
+        pieces = [_merge(p, best) for p in pieces]
+
+
+def _merge(piece: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(piece):
+        if i + 1 < len(piece) and (piece[i], piece[i + 1]) == pair:
+            out.append(piece[i] + piece[i + 1])
+            i += 2
+        else:
+            out.append(piece[i])
+            i += 1
+    return out
+
+
+def toy_tokenizer():
+    """A real CLIPTokenizer (CLIP's byte-level BPE, lower-casing, </w> ends) with the toy world's small vocabulary."""
+    from transformers import CLIPTokenizer
+
+    merges = bpe_merges(vocabulary_words())
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tok = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH, pad_token=EOS)
+    for key in ("vocab_file", "merges_file", "name_or_path", "is_local", "local_files_only"):
+        tok.init_kwargs.pop(key, None)
+    tok.name_or_path = "loldu-sd/toyworld-tokenizer"
+    return tok
+
+
+def build_text_encoder(tokenizer, seed: int = 0):
+    """A 4-layer, 128-wide CLIPTextModel over the toy vocabulary (about 0.9 M parameters)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=128,
+                            hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModel(config)
+
+
+def build_unet(seed: int = 0):
+    """A 3-level UNet2DConditionModel on 16x16x4 latents with self- and cross-attention at 16x16, 8x8 and 4x4."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
+
+
+def build_vae(seed: int = 0):
+    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16x4 latents (x4 downsampling)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=32, sample_size=64)
+
+
+def train_scheduler():
+    """DDPM with SD's noise schedule (what the trainer loads from the pipeline folder)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD_BETAS)
+
+
+def sample_scheduler():
+    """DPM-Solver++ (2nd order) on SD's schedule: sharp samples in 20 steps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2)

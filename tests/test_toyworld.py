@@ -1,0 +1,84 @@
+"""The toy world: rendering, captions, held-out concepts and pairs, and its tokenizer."""
+import random
+
+import numpy as np
+import pytest
+
+from loldu_sd.toyworld import concepts as C
+from loldu_sd.toyworld import world as W
+from loldu_sd.toyworld.models import bpe_merges, toy_tokenizer, vocabulary_words
+
+
+def test_render_is_deterministic_and_draws_the_object():
+    scene = W.Scene((W.Thing("square", "red", (), (32, 32), 12.0),), "plain", "blue")
+    a, b = np.asarray(W.render(scene)), np.asarray(W.render(scene))
+    assert a.shape == (64, 64, 3) and (a == b).all()
+    assert tuple(a[32, 32]) == W.COLOURS["red"] and tuple(a[2, 2]) == W.COLOURS["blue"]
+
+
+@pytest.mark.parametrize("kind", W.KINDS)
+def test_every_kind_covers_a_plausible_area(kind):
+    img = np.asarray(W.render(W.Scene((W.Thing(kind, "black", (), (32, 32), 12.0),), "plain", "white")))
+    covered = (img.sum(axis=2) < 300).mean()
+    assert 0.04 < covered < 0.25, covered  # a radius-12 shape on a 64x64 canvas: neither a speck nor a fill
+
+
+def test_captions_follow_dreambooth_grammar():
+    scene = W.Scene((W.Thing("star", "orange", (("dot", "blue"),)),), "striped", "green", "small",
+                    "in the top left corner")
+    assert W.caption(scene) == ("a photo of a small orange star with a blue dot in the top left corner "
+                                "on a green striped background")
+    two = W.Scene((W.Thing("cross", "red"), W.Thing("cross", "red")), "plain", "white")
+    assert W.caption(two) == "a photo of two red crosses on a white background"
+    assert W.caption(W.Scene((W.Thing("ring", "orange"),), says=frozenset())) == "a photo of a ring"
+
+
+def test_pretraining_never_draws_held_out_pairs_or_concepts():
+    rng = random.Random(0)
+    for _ in range(3000):
+        kind, colour, decorations = W.sample_object(rng)
+        assert (colour, kind) not in W.HELD_OUT_PAIRS
+        assert len(decorations) <= 1 and all(d in W.DECORATIONS for d, _ in decorations)
+        assert not C.is_held_out(kind, colour, decorations)
+
+
+def test_concepts_have_five_varied_photos_and_25_prompts():
+    for concept in C.CONCEPTS.values():
+        photos = [np.asarray(im) for im in C.instance_images(concept)]
+        assert len(photos) == 5 and all(not (p == photos[0]).all() for p in photos[1:])
+        texts = C.prompts(concept)
+        assert len(texts) == 25 == len(set(texts)) and all("sks" in t for t in texts)
+        assert concept.class_noun in W.KINDS
+
+
+def test_committed_concept_images_match_the_generator(tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    committed = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "concepts"
+    C.write_concept(C.CONCEPTS["eye"], tmp_path / "eye")
+    for i in range(5):
+        a = np.asarray(Image.open(committed / "eye" / f"{i:02d}.png"))
+        assert (a == np.asarray(Image.open(tmp_path / "eye" / f"{i:02d}.png"))).all()
+    assert (committed / "eye.json").read_text() == (tmp_path / "eye.json").read_text()
+
+
+def test_bpe_makes_every_world_word_one_token_and_leaves_the_identifier_rare():
+    tok = toy_tokenizer()
+    for word in vocabulary_words():
+        assert len(tok.tokenize(word)) == 1, word
+    pieces = tok.tokenize("a photo of a sks star")
+    assert pieces[4:7] == ["s", "k", "s</w>"]  # byte-level tokens no caption ever uses
+    merges = bpe_merges(["abab", "abc"])
+    assert merges[0] == "a b"
+
+
+def test_tokenizer_round_trips_through_save_pretrained(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = toy_tokenizer()
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a photo of two small yellow triangles with an orange outline on a purple gradient background"
+    assert again(text).input_ids == tok(text).input_ids and len(tok(text).input_ids) <= tok.model_max_length
