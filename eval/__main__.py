@@ -58,8 +58,8 @@ def run_sanity(args: argparse.Namespace) -> dict:
     from loldu_sd.toyworld.judges import load_judges
 
     from .scorer import markdown_table, write_json
-    from .toyworld import (ACCURACY_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS, attribute_accuracy, sanity_rows,
-                           toyworld_scorer)
+    from .toyworld import (ACCURACY_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS, attribute_accuracy, sample_grid,
+                           sanity_rows, toyworld_scorer)
 
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     rows = sanity_rows(toyworld_scorer(args.judges), pipe, args.samples, args.seed)
@@ -69,6 +69,10 @@ def run_sanity(args: argparse.Namespace) -> dict:
     print("\nAttribute accuracy (zero-shot image-text judge; 'rendered' = the probe on true renders):\n")
     print(markdown_table(accuracy, ACCURACY_COLUMNS))
     result = {"sanity": rows, "attribute_accuracy": accuracy}
+    grid = Path(args.out) / "samples.png"
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(pipe).save(grid)
+    print(f"wrote {grid} (base-model samples; the last two rows are held-out colour x kind pairs)")
     print(f"\nwrote {write_json(Path(args.out) / 'sanity.json', result)}")
     return result
 

@@ -129,3 +129,23 @@ def attribute_accuracy(pipe, judges, n: int = 48, seed: int = 0) -> list[dict]:
 
 
 ACCURACY_COLUMNS = ["images", "pairs", "n", "kind", "colour", "background", "all"]
+GRID_PROMPTS = ("a photo of a red star on a blue background", "a photo of a large yellow heart on a green background",
+                "a photo of a small blue square in the top left corner on a white background",
+                "a photo of two black circles on an orange background",
+                "a photo of a purple triangle with a white dot on a yellow striped background",
+                "a photo of a white cross with a red outline on a blue gradient background",
+                "a photo of a green star on a black background", "a photo of a red ring on a white background")
+
+
+def sample_grid(pipe, prompts=GRID_PROMPTS, seeds: int = 4, cell: int = 96):
+    """A grid of base-model samples: one row per prompt, `seeds` columns, the prompt written on the left."""
+    from PIL import Image, ImageDraw
+
+    label_w = 420
+    grid = Image.new("RGB", (label_w + seeds * cell, len(prompts) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, prompt in enumerate(prompts):
+        draw.text((6, r * cell + cell // 2 - 6), prompt.replace("a photo of ", ""), fill="black")
+        for c, im in enumerate(generate(pipe, [prompt] * seeds, seed=100 * r)):
+            grid.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (label_w + c * cell, r * cell))
+    return grid

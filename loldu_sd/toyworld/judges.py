@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import nn
 
 from .concepts import is_held_out
 from .models import toy_tokenizer
-from .world import COLOURS, DECORATIONS, KINDS, RICH_DECORATIONS, caption, render, sample_scene
+from .world import COLOURS, DECORATIONS, KINDS, RICH_DECORATIONS, Scene, caption, render, sample_scene
 
 EMBED_DIM = 128
 INSTANCE_FILE, IMAGE_TEXT_FILE = "instance_encoder.safetensors", "image_text.safetensors"
@@ -104,7 +104,7 @@ def new_image_text(tokenizer) -> ImageText:
 
 
 def load_judges(folder: str | Path) -> Judges:
-    """Load both judges from a folder written by `save_judges` (safetensors only)."""
+    """Load both judges from a folder written by `train_judges` (safetensors only)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -118,15 +118,10 @@ def load_judges(folder: str | Path) -> Judges:
     return Judges(instance.eval(), image_text.eval(), tokenizer)
 
 
-def save_judges(judges: Judges, folder: str | Path) -> Path:
-    """Write both judges as fp16 safetensors."""
+def _save(module: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for module, name in ((judges.instance, INSTANCE_FILE), (judges.image_text, IMAGE_TEXT_FILE)):
-        save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, folder / name)
-    return folder
+    save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, path)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -140,15 +135,25 @@ def sample_instance(rng: random.Random) -> tuple[str, str, tuple[tuple[str, str]
             return kind, colour, decorations
 
 
-def _soft_targets(keys: list) -> torch.Tensor:
-    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32)
+def _soft_targets(rows: list, cols: list) -> torch.Tensor:
+    same = torch.tensor([[a == b for b in cols] for a in rows], dtype=torch.float32)
     return same / same.sum(dim=1, keepdim=True)
 
 
-def _contrastive(a: torch.Tensor, b: torch.Tensor, keys: list, scale: torch.Tensor | float) -> torch.Tensor:
+def _contrastive(a: torch.Tensor, b: torch.Tensor, keys: list, scale: torch.Tensor | float,
+                 extra_keys: list = ()) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets (equal keys are all positives); rows of b past len(keys) are extra
+    negatives for the a -> b direction only (`extra_keys` says what they are, in case one equals a real key)."""
     logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-    targets = _soft_targets(keys)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    n = len(keys)
+    forward = F.cross_entropy(logits, _soft_targets(keys, list(keys) + list(extra_keys)))
+    return 0.5 * (forward + F.cross_entropy(logits[:, :n].T, _soft_targets(keys, keys)))
+
+
+def kind_swapped(scene: Scene, rng: random.Random) -> Scene:
+    """The same scene with another kind of object: a caption that is wrong only in the shape word."""
+    kind = rng.choice([k for k in KINDS if k != scene.things[0].kind])
+    return replace(scene, things=tuple(replace(t, kind=kind) for t in scene.things))
 
 
 def _train_loop(model: nn.Module, steps: int, loss_fn, log_path: Path, lr: float = 2e-3) -> None:
@@ -167,30 +172,43 @@ def _train_loop(model: nn.Module, steps: int, loss_fn, log_path: Path, lr: float
 
 
 def train_judges(out: Path, steps: int, seed: int, batch: int = 48) -> Judges:
-    """Train both judges (instances: `batch` objects x 2 views; image-text: 2 x `batch` captioned scenes)."""
-    torch.manual_seed(seed)
-    tokenizer = toy_tokenizer()
-    instance, image_text = ConvEncoder(), new_image_text(tokenizer)
+    """Train each judge whose weights are not in <out>/judges yet, then load both.
 
-    def instance_loss(step: int) -> torch.Tensor:
-        rng = random.Random(seed * 1_000_003 + 900_000 + step)
-        objs = [sample_instance(rng) for _ in range(batch)]
-        views = [render(sample_scene(rng, obj=o)) for o in objs for _ in range(2)]
-        z = instance(to_tensor(views)).view(batch, 2, -1)
-        return _contrastive(z[:, 0], z[:, 1], [repr(o) for o in objs], 10.0)
+    Instance encoder: `batch` objects x 2 views. Image-text model: 2 x `batch` captioned scenes, each with a
+    kind-swapped caption as a hard negative (colour and background words are easy; the shape word is not).
+    """
+    tokenizer, folder = toy_tokenizer(), out / "judges"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / INSTANCE_FILE).is_file():
+        torch.manual_seed(seed)
+        instance = ConvEncoder()
 
-    def image_text_loss(step: int) -> torch.Tensor:
-        rng = random.Random(seed * 1_000_003 + 950_000 + step)
-        scenes = [sample_scene(rng) for _ in range(2 * batch)]
-        captions = [caption(s) for s in scenes]
-        ids = tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
-        img = image_text.image(to_tensor([render(s) for s in scenes]))
-        scale = image_text.logit_scale.exp().clamp(max=100)
-        return _contrastive(img, image_text.encode_text(ids), captions, scale)
+        def instance_loss(step: int) -> torch.Tensor:
+            rng = random.Random(seed * 1_000_003 + 900_000 + step)
+            objs = [sample_instance(rng) for _ in range(batch)]
+            views = [render(sample_scene(rng, obj=o)) for o in objs for _ in range(2)]
+            z = instance(to_tensor(views)).view(batch, 2, -1)
+            keys = [repr(o) for o in objs]
+            return _contrastive(z[:, 0], z[:, 1], keys, 10.0)
 
-    _train_loop(instance, steps, instance_loss, out / "judge_instance_loss.jsonl")
-    _train_loop(image_text, steps, image_text_loss, out / "judge_image_text_loss.jsonl")
-    judges = Judges(instance.eval(), image_text.eval(), tokenizer)
-    save_judges(judges, out / "judges")
-    (out / "judges" / "training.json").write_text(json.dumps({"steps": steps, "seed": seed, "batch": batch}) + "\n")
-    return judges
+        _train_loop(instance, steps, instance_loss, out / "judge_instance_loss.jsonl")
+        _save(instance, folder / INSTANCE_FILE)
+    if not (folder / IMAGE_TEXT_FILE).is_file():
+        torch.manual_seed(seed + 1)
+        image_text = new_image_text(tokenizer)
+
+        def image_text_loss(step: int) -> torch.Tensor:
+            rng = random.Random(seed * 1_000_003 + 950_000 + step)
+            scenes = [sample_scene(rng) for _ in range(2 * batch)]
+            captions = [caption(s) for s in scenes]
+            negatives = [caption(kind_swapped(s, rng)) for s in scenes]
+            ids = tokenizer(captions + negatives, padding="max_length", max_length=32, truncation=True,
+                            return_tensors="pt").input_ids
+            img = image_text.image(to_tensor([render(s) for s in scenes]))
+            scale = image_text.logit_scale.exp().clamp(max=100)
+            return _contrastive(img, image_text.encode_text(ids), captions, scale, negatives)
+
+        _train_loop(image_text, steps, image_text_loss, out / "judge_image_text_loss.jsonl")
+        _save(image_text, folder / IMAGE_TEXT_FILE)
+    (folder / "training.json").write_text(json.dumps({"steps": steps, "seed": seed, "batch": batch}) + "\n")
+    return load_judges(folder)

@@ -3,7 +3,7 @@
     tokenizer = toy_tokenizer()        # CLIPTokenizer whose BPE merges spell the world's words (~1k tokens)
     build_text_encoder(tokenizer), build_unet(), build_vae(), train_scheduler(), sample_scheduler()
 
-Images are 64x64; the VAE downsamples by 4 to 16x16x4 latents (SD downsamples 512 by 8 to 64x64x4). Words outside
+Images are 64x64; the VAE downsamples by 4 to 16x16x16 latents (SD downsamples 512 by 8 to 64x64x4). Words outside
 the world's vocabulary (such as the identifier "sks") fall apart into byte-level tokens that pretraining never
 trains: exactly what DreamBooth wants from a rare identifier.
 """
@@ -17,6 +17,9 @@ from ..testing import BOS, EOS, SD_BETAS, _byte_chars
 from .world import BACKGROUNDS, COLOURS, DECORATIONS, KINDS, PLURALS, POSITIONS, RICH_DECORATIONS, SIZES
 
 MAX_LENGTH = 32
+# 16 latent channels (as SD3's VAE) at x4 downsampling: a small autoencoder trained for minutes keeps star points and
+# stripes; 4 channels (SD 1.x's choice at x8) blurred them into blobs at this budget
+LATENT_CHANNELS = 16
 EXTRA_WORDS = ("a an of the photo two with and on in background half", "dog cat robot toy thing shape object")
 
 
@@ -92,26 +95,28 @@ def build_text_encoder(tokenizer, seed: int = 0):
 
 
 def build_unet(seed: int = 0):
-    """A 3-level UNet2DConditionModel on 16x16x4 latents with self- and cross-attention at 16x16, 8x8 and 4x4."""
+    """A 3-level UNet2DConditionModel on 16x16x16 latents; self- and cross-attention at 16x16, 8x8 and 4x4."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
 
 
 def build_vae(seed: int = 0):
-    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16x4 latents (x4 downsampling)."""
+    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16x16 latents (x4 downsampling)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
-                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+                         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=32, sample_size=64)
 
 

@@ -1,7 +1,7 @@
 """Pretrain the toy world's pipeline on 2 CPU cores: `python -m loldu_sd.toyworld.pretrain --out runs/toyworld`.
 
 Stages (each seeded, each resumable from its own checkpoint in --out):
-  vae        AutoencoderKL on rendered scenes (L1 + a small KL, as SD's VAE without its GAN), then the latent scale
+  vae        AutoencoderKL on rendered scenes (L1 + MSE + a tiny KL; SD's VAE without its GAN), then the latent scale
   generator  UNet and text encoder jointly, epsilon objective with Min-SNR weighting, 10 % empty captions for
              classifier-free guidance, EMA weights
   judges     the instance encoder and the image-text model that `eval --backbones toyworld` uses (see judges.py)
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from .models import build_text_encoder, build_unet, build_vae, sample_scheduler, toy_tokenizer, train_scheduler
 from .world import caption, render, sample_scene
+
+
+KL_WEIGHT = 1e-8
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -93,7 +96,9 @@ def train_vae(out: Path, steps: int, batch: int, seed: int) -> None:
             g["lr"] = lr_at(step, steps, 1e-3, 100)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        # the KL term only keeps latents near unit scale: at SD's 1e-6 against a per-pixel *mean* loss it kept the
+        # posterior noise at a third of the latent scale, and the decoder learnt to draw blobs
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + KL_WEIGHT * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -108,6 +113,44 @@ def train_vae(out: Path, steps: int, batch: int, seed: int) -> None:
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     vae.save_pretrained(out / "vae")
     print(f"vae: latent std {std:.4f} -> scaling_factor {1 / std:.5f}", flush=True)
+
+
+def edge_weights(x: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
+    """Per-pixel loss weights 1 + gain * local contrast: edges and small details count as much as wide backgrounds."""
+    gx = F.pad((x[..., :, 1:] - x[..., :, :-1]).abs().sum(1, keepdim=True), (0, 1, 0, 0))
+    gy = F.pad((x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True), (0, 0, 0, 1))
+    return 1 + gain * (gx + gy).clamp(max=2.0)
+
+
+def finetune_decoder(out: Path, steps: int, batch: int, seed: int) -> None:
+    """Sharpen the decoder with an edge-weighted loss, encoder frozen: the latent space (and so the generator trained
+    on it) stays exactly as it is, as SD's ft-MSE VAE was made."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae").train()
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    ckpt, log = out / "decoder_state.pt", Log(out / "decoder_loss.jsonl", every=25)
+    start = _load_state(ckpt, {"vae": vae}, opt)
+    for step in range(start, steps):
+        x, _ = scene_batch(random.Random(seed * 1_000_003 + 700_000 + step), batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 5e-4, 50)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = (edge_weights(x) * ((rec - x).abs() + 0.5 * (rec - x) ** 2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.add(step, loss.item())
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            _save_state(ckpt, step + 1, {"vae": vae}, opt)
+    vae.eval().save_pretrained(out / "vae_sharp")
 
 
 # ---- stage 2: UNet + text encoder ----------------------------------------------------------------------------------
@@ -189,14 +232,37 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
     return dest
 
 
+def plot_losses(out: Path, dest: Path) -> Path:
+    """One panel per training stage: the logged loss curves of <out>/*_loss.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = sorted(out.glob("*_loss.jsonl"))
+    fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
+    for ax, path in zip(axes[0], logs):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        curve = {r["step"]: r["loss"] for r in rows}  # a resumed stage logs its last steps again: keep the latest
+        ax.plot(list(curve), list(curve.values()))
+        ax.set_title(path.stem.replace("_loss", "").replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(dest, dpi=80)
+    plt.close(fig)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toyworld", help="working folder (checkpoints, loss curves, exports)")
-    p.add_argument("--stage", choices=["vae", "generator", "judges", "export", "all"], default="all")
+    p.add_argument("--stage", choices=["vae", "generator", "decoder", "judges", "export", "all"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae_steps", type=int, default=800)
     p.add_argument("--vae_batch", type=int, default=16)
+    p.add_argument("--decoder_steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=6000, help="generator steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -211,12 +277,15 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(out, args.vae_steps, args.vae_batch, args.seed)
     if args.stage in ("generator", "all"):
         train_generator(out, args.steps, args.batch, args.seed, args.lr)
+    if args.stage in ("decoder", "all"):
+        finetune_decoder(out, args.decoder_steps, args.vae_batch, args.seed)
     if args.stage in ("judges", "all"):
         from .judges import train_judges
 
         train_judges(out, args.judge_steps, args.seed)
     if args.stage in ("export", "all"):
         print(export_pipeline(out, out / "pipeline", args.seed))
+        print(plot_losses(out, out / "pretraining_loss.png"))
 
 
 if __name__ == "__main__":
