@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     import torch
     from diffusers import DiffusionPipeline
 
-    import loldu_sd  # noqa: F401  (adds the pipeline methods)
+    import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)

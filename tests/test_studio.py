@@ -204,7 +204,8 @@ def tiny_sd(tmp_path_factory):
     """A saved tiny pipeline (seed 0) and adapter files trained on it (made by randomising z)."""
     from diffusers import DiffusionPipeline
 
-    from loldu_sd import add_loldu_to_unet, loldu_parameters
+    from loldu_sd import loldu_parameters
+    from loldu_sd.diffusers import add_loldu_to_unet
     from loldu_sd.testing import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
@@ -267,7 +268,7 @@ def test_cache_follows_the_library_on_disk(studio, tiny_sd):
 
 
 def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
-    from loldu_sd import add_loldu_to_unet
+    from loldu_sd.diffusers import add_loldu_to_unet
     from loldu_sd.testing import tiny_pipeline
 
     info = studio.import_adapter(tiny_sd[1]["a"], "imported a")

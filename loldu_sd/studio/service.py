@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -37,13 +36,6 @@ class Generation:
     images: list[Image.Image]
     switch_seconds: float
     seconds: float
-
-
-def _pipeline_components(pipe) -> dict[str, Any]:
-    from torch import nn
-
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return {n: getattr(pipe, n) for n in names if isinstance(getattr(pipe, n, None), nn.Module)}
 
 
 class Studio(TrainingMixin):
@@ -76,7 +68,7 @@ class Studio(TrainingMixin):
                 import torch
                 from diffusers import DiffusionPipeline
 
-                import loldu_sd  # noqa: F401  (adds the pipeline methods)
+                import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
 
                 self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
                 dtype = torch.float16 if self.device == "cuda" else torch.float32
@@ -223,14 +215,14 @@ class Studio(TrainingMixin):
         """Export an adapter as the exact equivalent standard LoRA file (diffusers/peft or kohya keys)."""
         from safetensors.torch import save_file
 
-        from ..diffusers import export_lora_state_dict
+        from ..diffusers import export_lora_state_dict, pipeline_components
 
         if format not in ("diffusers", "kohya"):
             raise StudioError(f"LoRA format must be 'diffusers' or 'kohya', got {format!r}")
         info = self.library.info(name)
         with self._lock:
             internal = self._load(info.name)
-            tensors = export_lora_state_dict(_pipeline_components(self.pipeline()), internal, format)
+            tensors = export_lora_state_dict(pipeline_components(self.pipeline()), internal, format)
         dest = self.scratch / "exports" / uuid.uuid4().hex / f"{info.name}.lora.safetensors"
         dest.parent.mkdir(parents=True)
         save_file(tensors, str(dest), metadata={"format": "pt", "exported_from": "loldu", "loldu_adapter": info.name,

@@ -84,7 +84,8 @@ def _train(args, accelerator, callbacks: TrainingCallbacks, instance: list[Image
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from ..diffusers import LOLDU_WEIGHT_NAME, save_pipeline_adapter
+    from ..diffusers import save_pipeline_adapter
+    from ..io import LOLDU_WEIGHT_NAME
 
     out, main = Path(args.output_dir), accelerator.is_main_process
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
