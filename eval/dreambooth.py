@@ -249,9 +249,10 @@ def load_pipeline(name_or_path: str, device: str):
     from diffusers import StableDiffusionPipeline
 
     import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines load_loldu_weights & co.)
+    from loldu_sd.training.models import diffusers_dtype
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, **diffusers_dtype(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

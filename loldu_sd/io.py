@@ -81,6 +81,13 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def layer_values(tensors: dict[str, torch.Tensor], component: str, ranks: list[int]
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(z, sigma) of each layer of one component of an adapter file, in the file's layer order."""
+    p = _prefix(component)
+    return list(zip(tensors[p + "loldu.z"].split(ranks), tensors[p + "loldu.sigma"]))
+
+
 def loldu_state_dict(modules: Components, adapter_name: str = "default"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, list[list]]]:
     """Packed tensors and layer list of one adapter, as stored in the file."""
@@ -170,11 +177,9 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                 or sigma.shape != (len(entries),) or fp.shape != (len(entries), 3)):
             raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
         modules = maps[comp] = _submodules(comps[comp])
-        offset = 0
-        for i, (name, rank) in enumerate(entries):
-            zi, offset = z[offset: offset + rank], offset + rank
+        for i, ((name, rank), (zi, si)) in enumerate(zip(entries, layer_values(tensors, comp, ranks))):
             where = f"{comp}.{name}" if comp else name
-            if not (torch.isfinite(zi).all() and torch.isfinite(sigma[i])):
+            if not (torch.isfinite(zi).all() and torch.isfinite(si)):
                 raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
             if layer is None:
@@ -199,7 +204,7 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                     f"(||W0|| {float(fp[i, 0]):.6g} in the file vs {float(mine[0]):.6g} here)")
             if mine[2] != fp[i, 2]:
                 pivot_drift.append(where)
-            plan.append((comp, name, zi, sigma[i], factors))
+            plan.append((comp, name, zi, si, factors))
     if pivot_drift:
         warnings.warn(f"{path}: {len(pivot_drift)} layer(s) pivot differently from the model the adapter was trained "
                       f"on (e.g. {pivot_drift[0]}); base weights differ slightly (bf16 vs fp16 copy?)", stacklevel=3)

@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..training.errors import first_line
 from .inputs import NAME_MAX, StudioBusyError, StudioError, TrainRequest
 from .library import WEIGHT_NAME, AdapterInfo, AdapterLibrary
 
@@ -100,8 +101,7 @@ class TrainingMixin:
             end = {"state": "failed", "message": str(e)}
         except Exception as e:  # the UI gets one line; the traceback goes to the server log
             log.exception("training job %s failed", job.id)
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            end = {"state": "failed", "message": f"training failed: {type(e).__name__}: {first}"}
+            end = {"state": "failed", "message": f"training failed: {type(e).__name__}: {first_line(e)}"}
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             self._train_lock.release()

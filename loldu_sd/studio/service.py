@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..io import LoLDUFormatError, read_adapter_file
+from ..training.errors import first_line
 from .inputs import (
     MAX_ADAPTER_BYTES,
     GenerateRequest,
@@ -69,14 +70,14 @@ class Studio(TrainingMixin):
                 from diffusers import DiffusionPipeline
 
                 import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
+                from loldu_sd.training.models import diffusers_dtype
 
                 self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
                 dtype = torch.float16 if self.device == "cuda" else torch.float32
                 try:
-                    pipe = DiffusionPipeline.from_pretrained(self.base_model, torch_dtype=dtype)
+                    pipe = DiffusionPipeline.from_pretrained(self.base_model, **diffusers_dtype(dtype))
                 except (OSError, ValueError) as e:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    raise StudioError(f"could not load the base model {self.base_model!r}: {first}") from None
+                    raise StudioError(f"could not load the base model {self.base_model!r}: {first_line(e)}") from None
                 pipe.set_progress_bar_config(disable=True)
                 self._pipe = pipe.to(self.device)
             return self._pipe

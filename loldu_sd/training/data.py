@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from ..images import to_rgb
 from .errors import TrainingInputError
 from .models import diffusers_dtype, no_safety_checker
 
@@ -19,19 +20,6 @@ logger = logging.getLogger(__name__)
 
 # independent random streams, each indexed by the global sample counter
 DATA, NOISE, CLASS_DATA, CLASS_NOISE, CLASS_GEN, EVAL = range(6)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of any PIL image: transparency goes onto white, CMYK/grayscale/palette/16-bit are converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale down to 8 bits first
-        image = image.point(lambda v: v / 256).convert("L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def load_images(directory: str | Path, resolution: int | None = None, what: str = "instance"
@@ -55,7 +43,7 @@ def load_images(directory: str | Path, resolution: int | None = None, what: str 
         try:
             with Image.open(path) as im:
                 im.load()  # decode fully now: truncated files fail here, not in the middle of training
-                image = to_rgb(ImageOps.exif_transpose(im))
+                image = to_rgb(im)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             notes.append(f"{path}: skipped, not a readable image ({e})")
             continue
