@@ -24,7 +24,7 @@ from .inputs import (
     _display,
     sanitize_name,
 )
-from .jobs import TrainingJob, TrainingMixin
+from .jobs import Trainer
 from .library import WEIGHT_NAME, AdapterInfo, AdapterLibrary
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ class Generation:
     seconds: float
 
 
-class Studio(TrainingMixin):
-    """Library + one shared generation pipeline + at most one training job; safe to call from many threads."""
+class Studio:
+    """Library + one shared generation pipeline + a Trainer (one job at a time); safe to call from many threads."""
 
     def __init__(self, pretrained_model_name_or_path: str, library_dir: str | Path, device: str | None = None,
                  sample_steps: int = 20, preview_images: int = 2, scratch_dir: str | Path | None = None):
@@ -48,14 +48,12 @@ class Studio(TrainingMixin):
         self.library = AdapterLibrary(library_dir)
         self.device = device
         self.sample_steps = sample_steps  # denoising steps of sample images the studio makes itself
-        self.preview_images = preview_images  # validation images per preview while training (0: none)
         self._lock = threading.RLock()  # the pipeline: loading, adapter switching, denoising
         self._pipe = None
         self._loaded: dict[str, tuple[tuple[int, int], str]] = {}  # library name -> ((mtime_ns, size), name in pipe)
         self._ids = itertools.count()
-        self._train_lock = threading.Lock()
-        self._waiting: dict[str, bool] = {}
-        self.job: TrainingJob | None = None
+        self.trainer = Trainer(self.library, self.base_model, preview_images, resolution=lambda: self.resolution,
+                               device=lambda: self.device, make_sample=self._make_sample)
         if scratch_dir is None:  # downloads/exports go to the temp dir, which Gradio may serve
             scratch_dir = tempfile.mkdtemp(prefix="loldu-studio-")
             atexit.register(shutil.rmtree, scratch_dir, True)
