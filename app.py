@@ -87,21 +87,21 @@ def loss_frame(snap: JobSnapshot | None) -> pd.DataFrame:
 
 
 
-_STUDIO: Studio | None = None  # set by build_demo; every session shares it
-
-
-def studio() -> Studio:
-    """The Studio this app serves."""
-    if _STUDIO is None:
-        raise RuntimeError("build_demo(studio) has not been called")
-    return _STUDIO
-
-
 def _error(e: Exception) -> gr.Error:
     return gr.Error(str(e), print_exception=False)
 
 
-# ---- event handlers ---------------------------------------------------------------------------------------------
+def _library_action(fn):
+    """Turn a StudioError of a library button into a one-line Gradio error."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except StudioError as e:
+            raise _error(e) from None
+    return wrapper
+
+
 def show_thumbnails(files):
     """Decode the chosen images and show them; unreadable ones are named in a warning."""
     good = []
@@ -115,232 +115,230 @@ def show_thumbnails(files):
     return good
 
 
-def train_check(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name,
-                request: gr.Request):
-    """Fast pre-queue check: validates the form, and tells the user when they will wait behind another job."""
-    req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
-    try:
-        req.validate(studio().library)
-    except StudioError as e:
-        raise _error(e) from None
-    if studio().training_busy():
-        if request and request.session_hash:
-            studio().note_waiting(request.session_hash)  # so that Cancel can withdraw it before it starts
-        return status_html(text="Another training job is running; you are queued and will start automatically "
-                                "when it finishes (Cancel withdraws it).")
-    return status_html(text="Starting...")
+# ---- event handlers ---------------------------------------------------------------------------------------------
+class Events:
+    """The UI's event handlers, bound to the one Studio that every session shares."""
 
+    def __init__(self, studio: Studio):
+        self.studio = studio
 
-def train(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name,
-          request: gr.Request):
-    """Run one training job (one at a time: Gradio's queue) and stream progress, loss curve and previews."""
-    req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
-    owner = request.session_hash if request else ""
-    if owner and studio().take_waiting(owner):
-        yield status_html(text="Cancelled before it started: nothing was trained."), loss_frame(None), []
-        return
-    try:  # StudioBusyError only for API callers that bypass the queue's concurrency limit
-        job = studio().start_training(req, owner=owner or "")
-    except StudioError as e:
-        raise _error(e) from None
-    snap = None
-    for snap in job.snapshots():
-        yield status_html(snap), loss_frame(snap), snap.previews
-    if snap is not None and snap.state == "failed":
-        gr.Warning(snap.message)
-
-
-def cancel(request: gr.Request):
-    """Stop this session's training job after its current step, or withdraw it while it waits in the queue."""
-    what = studio().cancel_training(owner=request.session_hash if request else None)
-    if what == "running":
-        gr.Info("cancelling after the current step; the last checkpoint will be saved")
-    elif what == "queued":
-        gr.Info("your queued training job is withdrawn; it will not start")
-    else:
-        gr.Warning("no training job of yours is running or queued")
-
-
-def generate(prompt, negative, steps, guidance, seed, num_images, *mix):
-    """Generate images with the picked adapters mixed by weight."""
-    pairs = [(mix[i], mix[i + 1]) for i in range(0, len(mix), 2) if mix[i]]
-    try:
-        out = studio().generate(GenerateRequest(prompt, pairs, negative, steps, guidance, seed, num_images))
-    except StudioError as e:
-        raise _error(e) from None
-    used = ", ".join(f"{n} × {w:g}" for n, w in pairs) or "no adapter (base model)"
-    return out.images, (f"{len(out.images)} image(s) with {used} · adapters ready in "
-                        f"{1000 * out.switch_seconds:.0f} ms · denoising {out.seconds:.1f} s")
-
-
-def refresh(*picked):
-    """Re-read the library from disk: the table and every adapter dropdown (keeping valid selections)."""
-    names = studio().library.names()
-    keep = [p if p in names else None for p in picked]
-    return (library_html(studio().library), *[gr.update(choices=names, value=v) for v in keep])
-
-
-def _library_action(fn):
-    @functools.wraps(fn)
-    def wrapper(*args):
+    def train_check(self, files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name,
+                    request: gr.Request):
+        """Fast pre-queue check: validates the form, and tells the user when they will wait behind another job."""
+        req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
         try:
-            return fn(*args)
+            req.validate(self.studio.library)
         except StudioError as e:
             raise _error(e) from None
-    return wrapper
+        if self.studio.trainer.busy():
+            if request and request.session_hash:
+                self.studio.trainer.note_waiting(request.session_hash)  # so that Cancel can withdraw it
+            return status_html(text="Another training job is running; you are queued and will start automatically "
+                                    "when it finishes (Cancel withdraws it).")
+        return status_html(text="Starting...")
+
+    def train(self, files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name, request: gr.Request):
+        """Run one training job (one at a time: Gradio's queue) and stream progress, loss curve and previews."""
+        req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
+        owner = request.session_hash if request else ""
+        if owner and self.studio.trainer.take_waiting(owner):
+            yield status_html(text="Cancelled before it started: nothing was trained."), loss_frame(None), []
+            return
+        try:  # StudioBusyError only for API callers that bypass the queue's concurrency limit
+            job = self.studio.trainer.start(req, owner=owner or "")
+        except StudioError as e:
+            raise _error(e) from None
+        snap = None
+        for snap in job.snapshots():
+            yield status_html(snap), loss_frame(snap), snap.previews
+        if snap is not None and snap.state == "failed":
+            gr.Warning(snap.message)
+
+    def cancel(self, request: gr.Request):
+        """Stop this session's training job after its current step, or withdraw it while it waits in the queue."""
+        what = self.studio.trainer.cancel(owner=request.session_hash if request else None)
+        if what == "running":
+            gr.Info("cancelling after the current step; the last checkpoint will be saved")
+        elif what == "queued":
+            gr.Info("your queued training job is withdrawn; it will not start")
+        else:
+            gr.Warning("no training job of yours is running or queued")
+
+    def generate(self, prompt, negative, steps, guidance, seed, num_images, *mix):
+        """Generate images with the picked adapters mixed by weight."""
+        pairs = [(mix[i], mix[i + 1]) for i in range(0, len(mix), 2) if mix[i]]
+        try:
+            out = self.studio.generate(GenerateRequest(prompt, pairs, negative, steps, guidance, seed, num_images))
+        except StudioError as e:
+            raise _error(e) from None
+        used = ", ".join(f"{n} × {w:g}" for n, w in pairs) or "no adapter (base model)"
+        return out.images, (f"{len(out.images)} image(s) with {used} · adapters ready in "
+                            f"{1000 * out.switch_seconds:.0f} ms · denoising {out.seconds:.1f} s")
+
+    def refresh(self, *picked):
+        """Re-read the library from disk: the table and every adapter dropdown (keeping valid selections)."""
+        names = self.studio.library.names()
+        keep = [p if p in names else None for p in picked]
+        return (library_html(self.studio.library), *[gr.update(choices=names, value=v) for v in keep])
+
+    @_library_action
+    def download(self, name):
+        """A copy of the adapter file for the browser."""
+        if not name:
+            raise StudioError("pick an adapter first")
+        return str(self.studio.download_path(name)), f"{name}: ready to download"
+
+    @_library_action
+    def export_lora(self, name, fmt):
+        """The adapter as a standard LoRA file."""
+        if not name:
+            raise StudioError("pick an adapter first")
+        path = self.studio.export_lora(name, fmt)
+        return str(path), f"{name}: exported as a {fmt} LoRA ({path.stat().st_size / 1024:.1f} KB)"
+
+    @_library_action
+    def delete(self, name):
+        """Delete an adapter (the browser asked for confirmation)."""
+        if not name:
+            return None, "nothing deleted"
+        self.studio.delete_adapter(name)
+        return None, f"{name}: deleted"
+
+    @_library_action
+    def rename(self, name, new):
+        """Rename an adapter."""
+        if not name:
+            raise StudioError("pick an adapter first")
+        info = self.studio.rename_adapter(name, new)
+        return None, f"{name} renamed to {info.name}"
+
+    @_library_action
+    def import_adapter(self, upload, name):
+        """Validate an uploaded .safetensors adapter against the base model and add it to the library."""
+        if not upload:
+            raise StudioError("choose a .safetensors adapter file first")
+        info = self.studio.import_adapter(upload, name or None)
+        return None, f"imported {info.name} ({info.size_kb:.1f} KB, rank {info.rank})"
 
 
-@_library_action
-def download(name):
-    """A copy of the adapter file for the browser."""
-    if not name:
-        raise StudioError("pick an adapter first")
-    return str(studio().download_path(name)), f"{name}: ready to download"
-
-
-@_library_action
-def export_lora(name, fmt):
-    """The adapter as a standard LoRA file."""
-    if not name:
-        raise StudioError("pick an adapter first")
-    path = studio().export_lora(name, fmt)
-    return str(path), f"{name}: exported as a {fmt} LoRA ({path.stat().st_size / 1024:.1f} KB)"
-
-
-@_library_action
-def delete(name):
-    """Delete an adapter (the browser asked for confirmation)."""
-    if not name:
-        return None, "nothing deleted"
-    studio().delete_adapter(name)
-    return None, f"{name}: deleted"
-
-
-@_library_action
-def rename(name, new):
-    """Rename an adapter."""
-    if not name:
-        raise StudioError("pick an adapter first")
-    info = studio().rename_adapter(name, new)
-    return None, f"{name} renamed to {info.name}"
-
-
-@_library_action
-def import_adapter(upload, name):
-    """Validate an uploaded .safetensors adapter against the base model and add it to the library."""
-    if not upload:
-        raise StudioError("choose a .safetensors adapter file first")
-    info = studio().import_adapter(upload, name or None)
-    return None, f"imported {info.name} ({info.size_kb:.1f} KB, rank {info.rank})"
-
-
-# ---- layout -----------------------------------------------------------------------------------------------------
-def build_demo(studio_: Studio) -> gr.Blocks:
+# ---- layout: one builder per tab ----------------------------------------------------------------------------------
+def build_demo(studio: Studio) -> gr.Blocks:
     """The three-tab UI bound to one Studio."""
-    global _STUDIO
-    _STUDIO = studio_
+    events = Events(studio)
     with gr.Blocks(title="LoLDU Studio", analytics_enabled=False) as demo:
         gr.Markdown(f"# LoLDU Studio\nKilobyte adapters for Stable Diffusion "
-                    f"([LoLDU](https://arxiv.org/abs/2410.13618)) · base model `{html.escape(studio_.base_model)}`")
-        with gr.Tab("Train", id="train"):
-            with gr.Row():
-                with gr.Column():
-                    files = gr.File(label=f"Concept images (3-5 work best, at most {MAX_IMAGES}; PNG/JPEG/WebP, "
-                                          "≤ 20 MB each)", file_count="multiple", file_types=["image"],
-                                    elem_id="train-images")
-                    thumbs = gr.Gallery(label="Your images", columns=5, height=150, interactive=False,
-                                        elem_id="train-thumbs")
-                    with gr.Row():
-                        noun = gr.Textbox(label="What is it? (class noun)", placeholder="robot", scale=2,
-                                          elem_id="class-noun")
-                        suggest = gr.Button("Suggest prompt", scale=1)
-                    instance_prompt = gr.Textbox(label="Instance prompt", placeholder="a photo of sks robot",
-                                                 elem_id="instance-prompt")
-                    class_prompt = gr.Textbox(label="Class prompt (optional: prior preservation)",
-                                              placeholder="a photo of a robot")
-                    name = gr.Textbox(label="Adapter name", placeholder="my-robot", elem_id="adapter-name")
-                    with gr.Accordion("Settings", open=False):
-                        steps = gr.Slider(*LIMITS.train_steps, value=100, step=1, label="Steps",
-                                          elem_id="train-steps")
-                        rank = gr.Slider(*LIMITS.rank, value=32, step=1, label="Rank")
-                        lr = gr.Number(value=5e-4, label="Learning rate", minimum=LIMITS.learning_rate[0],
-                                       maximum=LIMITS.learning_rate[1], elem_id="train-lr")
-                        seed = gr.Number(value=42, precision=0, label="Seed")
-                        every = gr.Slider(*LIMITS.validation_every, value=25, step=1, label="Preview every N steps",
-                                          elem_id="train-every")
-                    with gr.Row():
-                        start = gr.Button("Start training", variant="primary", elem_id="train-start")
-                        stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
-                with gr.Column():
-                    status = gr.HTML(status_html(text="Upload 3-5 images, write a prompt, press Start."),
-                                     elem_id="train-status")
-                    loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss",
-                                            height=240, elem_id="loss-plot")
-                    previews = gr.Gallery(label="Validation previews", columns=4, height=200,
-                                          elem_id="train-previews")
-        with gr.Tab("Generate", id="generate") as gen_tab:
-            slots = []
-            with gr.Row():
-                for i in range(MAX_MIX):
-                    with gr.Column(min_width=200):
-                        pick = gr.Dropdown(choices=[], value=None, label=f"Adapter {i + 1}",
-                                           allow_custom_value=True, elem_id=f"gen-adapter-{i}")
-                        weight = gr.Slider(*LIMITS.weight, value=1.0, step=0.05, label="weight")
-                        slots += [pick, weight]
-            prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id="gen-prompt")
-            negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
-            with gr.Row():
-                g_steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="gen-steps")
-                guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
-                g_seed = gr.Number(value=0, precision=0, label="Seed")
-                n_images = gr.Slider(*LIMITS.num_images, value=1, step=1, label="Images")
-            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
-            gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id="gen-gallery")
-            g_status = gr.Markdown(elem_id="gen-status")
-        with gr.Tab("Library", id="library") as lib_tab:
-            lib_refresh = gr.Button("Refresh", size="sm")
-            table = gr.HTML(elem_id="library-table")
-            with gr.Row():
-                chosen = gr.Dropdown(choices=[], value=None, label="Adapter", allow_custom_value=True,
-                                     elem_id="lib-adapter")
-                new_name = gr.Textbox(label="New name")
-                fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="LoRA format")
-            with gr.Row():
-                dl = gr.Button("Download")
-                ren = gr.Button("Rename")
-                exp = gr.Button("Export as LoRA")
-                rm = gr.Button("Delete", variant="stop")
-            out_file = gr.File(label="Download / exported file", interactive=False, height=90)
-            with gr.Row():
-                upload = gr.File(label="Import a LoLDU adapter (.safetensors)", file_types=[".safetensors"])
-                import_name = gr.Textbox(label="Name (default: file name)")
-                imp = gr.Button("Import")
-            lib_status = gr.Markdown(elem_id="lib-status")
-
-        # ---- wiring ----
-        picks = [slots[i] for i in range(0, len(slots), 2)] + [chosen]
-        refresh_args = dict(fn=refresh, inputs=picks, outputs=[table, *picks], api_visibility="private")
-        files.change(show_thumbnails, files, thumbs, api_visibility="private")
-        suggest.click(suggest_instance_prompt, noun, instance_prompt, api_visibility="private")
-        train_inputs = [files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name]
-        start.click(train_check, train_inputs, status, api_visibility="private").success(
-            train, train_inputs, [status, loss_plot, previews], api_name="train",
-            concurrency_limit=1, concurrency_id="train", show_progress="minimal",
-            show_progress_on=[status]).then(**refresh_args)
-        stop.click(cancel, None, None, api_name="cancel", concurrency_limit=None)
-        go.click(generate, [prompt, negative, g_steps, guidance, g_seed, n_images, *slots],
-                 [gallery, g_status], api_name="generate", concurrency_limit=1, concurrency_id="generate")
+                    f"([LoLDU](https://arxiv.org/abs/2410.13618)) · base model `{html.escape(studio.base_model)}`")
+        trained = train_tab(events)
+        gen_tab, gen_picks = generate_tab(events)
+        lib_tab, refresh_args = library_tab(events, gen_picks)
+        trained.then(**refresh_args)
         gen_tab.select(**refresh_args)  # every session re-reads the shared library from disk
         lib_tab.select(**refresh_args)
-        lib_refresh.click(**refresh_args)
         demo.load(**refresh_args)
-        for button, fn, inputs, js in [
-            (dl, download, [chosen], None), (exp, export_lora, [chosen, fmt], None),
-            (rm, delete, [chosen], "(n) => (n && confirm('Delete adapter ' + n + '?')) ? n : ''"),
-            (ren, rename, [chosen, new_name], None), (imp, import_adapter, [upload, import_name], None)]:
-            button.click(fn, inputs, [out_file, lib_status], js=js,
-                         api_name=fn.__name__).then(**refresh_args)
     return demo
+
+
+def train_tab(events: Events):
+    """The Train tab; returns the training event, so that the library can refresh after it."""
+    with gr.Tab("Train", id="train"):
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(label=f"Concept images (3-5 work best, at most {MAX_IMAGES}; PNG/JPEG/WebP, "
+                                      "≤ 20 MB each)", file_count="multiple", file_types=["image"],
+                                elem_id="train-images")
+                thumbs = gr.Gallery(label="Your images", columns=5, height=150, interactive=False,
+                                    elem_id="train-thumbs")
+                with gr.Row():
+                    noun = gr.Textbox(label="What is it? (class noun)", placeholder="robot", scale=2,
+                                      elem_id="class-noun")
+                    suggest = gr.Button("Suggest prompt", scale=1)
+                instance_prompt = gr.Textbox(label="Instance prompt", placeholder="a photo of sks robot",
+                                             elem_id="instance-prompt")
+                class_prompt = gr.Textbox(label="Class prompt (optional: prior preservation)",
+                                          placeholder="a photo of a robot")
+                name = gr.Textbox(label="Adapter name", placeholder="my-robot", elem_id="adapter-name")
+                with gr.Accordion("Settings", open=False):
+                    steps = gr.Slider(*LIMITS.train_steps, value=100, step=1, label="Steps", elem_id="train-steps")
+                    rank = gr.Slider(*LIMITS.rank, value=32, step=1, label="Rank")
+                    lr = gr.Number(value=5e-4, label="Learning rate", minimum=LIMITS.learning_rate[0],
+                                   maximum=LIMITS.learning_rate[1], elem_id="train-lr")
+                    seed = gr.Number(value=42, precision=0, label="Seed")
+                    every = gr.Slider(*LIMITS.validation_every, value=25, step=1, label="Preview every N steps",
+                                      elem_id="train-every")
+                with gr.Row():
+                    start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+            with gr.Column():
+                status = gr.HTML(status_html(text="Upload 3-5 images, write a prompt, press Start."),
+                                 elem_id="train-status")
+                loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss",
+                                        height=240, elem_id="loss-plot")
+                previews = gr.Gallery(label="Validation previews", columns=4, height=200, elem_id="train-previews")
+    files.change(show_thumbnails, files, thumbs, api_visibility="private")
+    suggest.click(suggest_instance_prompt, noun, instance_prompt, api_visibility="private")
+    stop.click(events.cancel, None, None, api_name="cancel", concurrency_limit=None)
+    inputs = [files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name]
+    return start.click(events.train_check, inputs, status, api_visibility="private").success(
+        events.train, inputs, [status, loss_plot, previews], api_name="train", concurrency_limit=1,
+        concurrency_id="train", show_progress="minimal", show_progress_on=[status])
+
+
+def generate_tab(events: Events):
+    """The Generate tab; returns it and its adapter dropdowns (the library refresh updates them)."""
+    with gr.Tab("Generate", id="generate") as tab:
+        slots = []
+        with gr.Row():
+            for i in range(MAX_MIX):
+                with gr.Column(min_width=200):
+                    pick = gr.Dropdown(choices=[], value=None, label=f"Adapter {i + 1}", allow_custom_value=True,
+                                       elem_id=f"gen-adapter-{i}")
+                    weight = gr.Slider(*LIMITS.weight, value=1.0, step=0.05, label="weight")
+                    slots += [pick, weight]
+        prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id="gen-prompt")
+        negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+        with gr.Row():
+            steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="gen-steps")
+            guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+            n_images = gr.Slider(*LIMITS.num_images, value=1, step=1, label="Images")
+        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+        gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id="gen-gallery")
+        status = gr.Markdown(elem_id="gen-status")
+    go.click(events.generate, [prompt, negative, steps, guidance, seed, n_images, *slots], [gallery, status],
+             api_name="generate", concurrency_limit=1, concurrency_id="generate")
+    return tab, slots[::2]
+
+
+def library_tab(events: Events, gen_picks: list):
+    """The Library tab; returns it and the refresh event arguments (table and every adapter dropdown)."""
+    with gr.Tab("Library", id="library") as tab:
+        refresh = gr.Button("Refresh", size="sm")
+        table = gr.HTML(elem_id="library-table")
+        with gr.Row():
+            chosen = gr.Dropdown(choices=[], value=None, label="Adapter", allow_custom_value=True,
+                                 elem_id="lib-adapter")
+            new_name = gr.Textbox(label="New name")
+            fmt = gr.Radio(["diffusers", "kohya"], value="diffusers", label="LoRA format")
+        with gr.Row():
+            dl = gr.Button("Download")
+            ren = gr.Button("Rename")
+            exp = gr.Button("Export as LoRA")
+            rm = gr.Button("Delete", variant="stop")
+        out_file = gr.File(label="Download / exported file", interactive=False, height=90)
+        with gr.Row():
+            upload = gr.File(label="Import a LoLDU adapter (.safetensors)", file_types=[".safetensors"])
+            import_name = gr.Textbox(label="Name (default: file name)")
+            imp = gr.Button("Import")
+        status = gr.Markdown(elem_id="lib-status")
+    picks = [*gen_picks, chosen]
+    refresh_args = dict(fn=events.refresh, inputs=picks, outputs=[table, *picks], api_visibility="private")
+    refresh.click(**refresh_args)
+    for button, fn, inputs, js in [
+            (dl, events.download, [chosen], None), (exp, events.export_lora, [chosen, fmt], None),
+            (rm, events.delete, [chosen], "(n) => (n && confirm('Delete adapter ' + n + '?')) ? n : ''"),
+            (ren, events.rename, [chosen, new_name], None), (imp, events.import_adapter, [upload, import_name], None)]:
+        button.click(fn, inputs, [out_file, status], js=js, api_name=fn.__name__).then(**refresh_args)
+    return tab, refresh_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -248,10 +248,11 @@ def load_pipeline(name_or_path: str, device: str):
     """StableDiffusionPipeline (fp16 on CUDA) with LoLDU's pipeline methods and its own progress bar off."""
     from diffusers import StableDiffusionPipeline
 
-    import loldu_sd  # noqa: F401  (adds load_loldu_weights & co. to diffusers pipelines)
+    import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines load_loldu_weights & co.)
+    from loldu_sd.training.models import diffusers_dtype
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, **diffusers_dtype(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from loldu_sd.images import to_rgb
+
 from .metrics import pairwise_similarity, resolve_variant, text_image_similarity
 from .prompts import clip_t_prompt
 
@@ -49,7 +51,7 @@ def load_images(directory: str | Path) -> tuple[list[Image.Image], list[Path]]:
     for p in files:
         try:
             with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im))
             paths.append(p)
         except Exception as e:  # any decoder failure means "unreadable": skip it, say so
             warnings.warn(f"skipping unreadable image {p}: {type(e).__name__}: {e}", stacklevel=2)

@@ -1,14 +1,16 @@
 """loldu-sd: kilobyte-sized LoLDU adapters (arXiv 2410.13618) for Stable Diffusion and transformers models.
 
-Importing the package adds `load_loldu_weights` and friends to diffusers' Stable Diffusion pipelines
-(see loldu_sd.diffusers); diffusers itself is only imported when it is installed.
+The core works on any nn.Module. `import loldu_sd.diffusers` (explicit, documented) gives diffusers' Stable
+Diffusion pipelines `pipe.load_loldu_weights(...)` and friends; `import loldu_sd` alone touches no other library.
 """
 from .config import INITS, LoLDUConfig
 from .decompose import LDUFactors, top_r_ldu
-from .io import LoadedAdapter, LoLDUBaseMismatchError, LoLDUFormatError, load_loldu, read_adapter_file, save_loldu
+from .io import (LOLDU_WEIGHT_NAME, LoadedAdapter, LoLDUBaseMismatchError, LoLDUFormatError, load_loldu,
+                 read_adapter_file, save_loldu)
 from .layer import LoLDULinear
 from .presets import PRESETS, preset
 from .model import (
+    Components,
     add_loldu,
     cast_loldu_parameters,
     count_loldu_parameters,
@@ -28,21 +30,11 @@ from .model import (
 
 __version__ = "0.1.0"
 
-from .diffusers import (  # noqa: E402  (pipeline methods need the core above)
-    LOLDU_WEIGHT_NAME,
-    add_loldu_to_text_encoder,
-    add_loldu_to_unet,
-    export_lora,
-    register as _register_pipeline_methods,
-)
-
-_register_pipeline_methods()
-
 __all__ = [
-    "INITS", "LOLDU_WEIGHT_NAME", "LDUFactors", "LoLDUBaseMismatchError", "LoLDUConfig", "LoLDUFormatError",
-    "LoLDULinear", "LoadedAdapter", "PRESETS", "add_loldu", "add_loldu_to_text_encoder", "add_loldu_to_unet",
-    "cast_loldu_parameters", "count_loldu_parameters", "export_lora", "find_targets", "get_loldu_adapters",
-    "get_loldu_config", "load_loldu", "loldu_adapter_names", "loldu_layers", "loldu_parameters", "loldu_scale",
-    "merge_loldu", "preset", "project_loldu_", "read_adapter_file", "remove_loldu", "save_loldu",
-    "set_loldu_adapters", "top_r_ldu", "unmerge_loldu",
+    "Components", "INITS", "LOLDU_WEIGHT_NAME", "LDUFactors", "LoLDUBaseMismatchError", "LoLDUConfig",
+    "LoLDUFormatError", "LoLDULinear", "LoadedAdapter", "PRESETS", "add_loldu", "cast_loldu_parameters",
+    "count_loldu_parameters", "find_targets", "get_loldu_adapters", "get_loldu_config", "load_loldu",
+    "loldu_adapter_names", "loldu_layers", "loldu_parameters", "loldu_scale", "merge_loldu", "preset",
+    "project_loldu_", "read_adapter_file", "remove_loldu", "save_loldu", "set_loldu_adapters", "top_r_ldu",
+    "unmerge_loldu",
 ]

@@ -1,38 +1,25 @@
-"""Stable Diffusion integration: UNet/text-encoder injection, `pipe.load_loldu_weights()` & co., LoRA export.
+"""Stable Diffusion integration: UNet/text-encoder injection, the `pipe.*_loldu*` operations, LoRA export.
 
-Importing loldu_sd attaches the LoLDULoaderMixin methods to diffusers' DiffusionPipeline, so every Stable Diffusion
-pipeline (txt2img, img2img, inpaint, SD 1.x/2.x/XL) gains them. As in diffusers' LoRA loader, the instance methods
-are thin: the work happens in module-level functions that take the components explicitly (the trainer uses those).
+`import loldu_sd.diffusers` is the one explicit entry point: it sets the pipeline functions below as methods of
+diffusers' Stable Diffusion and SDXL LoRA loader mixins, so every pipeline built on them (txt2img, img2img, inpaint,
+ControlNet; SD 1.x/2.x/XL) gains `pipe.load_loldu_weights(...)` & co. Each method is a plain function taking the
+pipeline first; the work happens in the core functions, which take the pipeline's {component: module} mapping.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.abc
-import importlib.util
 import os
-import sys
+import weakref
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from torch import nn
 
+from . import model as core
 from .config import LoLDUConfig
-from .io import LoadedAdapter, LoLDUFormatError, atomic_write, load_loldu, read_adapter_file, save_loldu
-from .model import (
-    add_loldu,
-    get_loldu_adapters,
-    loldu_adapter_names,
-    loldu_layers,
-    loldu_scale,
-    merge_loldu,
-    remove_loldu,
-    set_loldu_adapters,
-    unmerge_loldu,
-)
+from .io import LOLDU_WEIGHT_NAME, LoLDUFormatError, atomic_write, load_loldu, read_adapter_file, save_loldu
 from .presets import PRESETS
 
-LOLDU_WEIGHT_NAME = "pytorch_loldu_weights.safetensors"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -54,12 +41,15 @@ def unet_target_layers(unet: nn.Module, targets: list[str] | None = None) -> lis
 
 
 def add_loldu_to_unet(unet: nn.Module, config: LoLDUConfig, adapter_name: str = "default") -> nn.Module:
-    """Wrap to_q/to_k/to_v/to_out.0 (or config.target_modules) of every UNet Attention block with adapter `name`."""
+    """Wrap to_q/to_k/to_v/to_out.0 (or config.target_modules) of every UNet Attention block with adapter `name`.
+
+    A list of targets is looked up inside the attention modules; a regex is matched against full layer names, as
+    peft does. Either way the adapters follow `cross_attention_kwargs={"scale": s}`.
+    """
     targets = config.target_modules
-    if isinstance(targets, str):  # a regex: match it against the full layer names as peft does
-        return add_loldu(unet, config, adapter_name)
-    add_loldu(unet, config, adapter_name, layer_names=unet_target_layers(unet, targets))
-    _install_scale_hook(unet)
+    names = None if isinstance(targets, str) else unet_target_layers(unet, targets)
+    core.add_loldu(unet, config, adapter_name, layer_names=names)
+    _follow_scale(unet, _cross_attention_scale)
     return unet
 
 
@@ -68,61 +58,73 @@ def add_loldu_to_text_encoder(text_encoder: nn.Module, config: LoLDUConfig, adap
     """Wrap q/k/v/out projections of a CLIP text encoder (or config.target_modules) with adapter `name`."""
     if config.target_modules is None or config.target_modules == PRESETS["sd-unet"]:
         config = LoLDUConfig.from_dict({**config.to_dict(), "target_modules": PRESETS["clip-text"]})
-    return add_loldu(text_encoder, config, adapter_name)
+    return core.add_loldu(text_encoder, config, adapter_name)
 
 
-def _scale_pre_hook(module, args, kwargs):
-    scale = (kwargs.get("cross_attention_kwargs") or {}).get("scale", 1.0)
-    module._loldu_scale_ctx = loldu_scale(module, scale)
-    module._loldu_scale_ctx.__enter__()
+def add_loldu_to_pipeline(pipe, config: LoLDUConfig, adapter_name: str = "default", text_encoders: bool = False
+                          ) -> str:
+    """Add adapter `adapter_name` to the pipeline's UNet (and text encoders): all follow the call's runtime scale."""
+    add_loldu_to_unet(pipe.unet, config, adapter_name)
+    if text_encoders:
+        for name in TEXT_ENCODERS:
+            if isinstance(getattr(pipe, name, None), nn.Module):
+                add_loldu_to_text_encoder(getattr(pipe, name), config, adapter_name)
+    _follow_pipeline_scale(pipe)
+    return adapter_name
 
 
-def _scale_post_hook(module, args, kwargs, output):
-    ctx = getattr(module, "_loldu_scale_ctx", None)
-    if ctx is not None:
-        module._loldu_scale_ctx = None
-        ctx.__exit__(None, None, None)
+# ---- runtime scale: one RuntimeScale per adapted model, set by a forward pre-hook --------------------------------
+def _cross_attention_scale(kwargs: dict) -> float | None:
+    """The UNet's runtime scale: cross_attention_kwargs["scale"], as diffusers reads it for LoRA."""
+    return (kwargs.get("cross_attention_kwargs") or {}).get("scale")
 
 
-def _install_scale_hook(unet: nn.Module) -> None:
-    """Honour cross_attention_kwargs={"scale": s} as diffusers does for LoRA (the UNet pops it before attention)."""
-    if "_loldu_scale_hooks" not in unet.__dict__:
-        unet.__dict__["_loldu_scale_hooks"] = [
-            unet.register_forward_pre_hook(_scale_pre_hook, with_kwargs=True),
-            unet.register_forward_hook(_scale_post_hook, with_kwargs=True, always_call=True)]
+def _follow_scale(module: nn.Module, read_scale) -> None:
+    """During each forward of `module`, its LoLDU layers use read_scale(forward kwargs) (None: leave it as is).
+
+    The hooks live on the model's RuntimeScale, so they go when its last LoLDU layer is removed.
+    """
+    scale = core.runtime_scale(module)
+    if scale is None or scale.hooks:
+        return
+    saved: list[float] = []
+
+    def before(_module, _args, kwargs):
+        saved.append(scale.value)
+        value = read_scale(kwargs)
+        if value is not None:
+            scale.value = float(value)
+
+    def after(_module, _args, _kwargs, _output):
+        if saved:
+            scale.value = saved.pop()
+
+    scale.hooks += [module.register_forward_pre_hook(before, with_kwargs=True),
+                    module.register_forward_hook(after, with_kwargs=True, always_call=True)]
 
 
-def remove_scale_hook(unet: nn.Module) -> None:
-    """Remove the UNet's runtime-scale hooks (unload_loldu_weights does): the UNet is the bare base model again."""
-    for handle in unet.__dict__.pop("_loldu_scale_hooks", []):
-        handle.remove()
+def _follow_pipeline_scale(pipe) -> None:
+    """The UNet follows its cross_attention_kwargs; the text encoders follow the scale of the pipeline call.
+
+    SD and SDXL pipelines keep the call's cross_attention_kwargs on the pipeline before they encode the prompt (and
+    derive lora_scale from it), so the text encoders read it there; a weak reference keeps the pipeline collectable.
+    """
+    comps = pipeline_components(pipe)
+    if "unet" in comps:
+        _follow_scale(comps["unet"], _cross_attention_scale)
+    ref = weakref.ref(pipe)
+
+    def pipeline_scale(_kwargs):
+        return _cross_attention_scale({"cross_attention_kwargs": getattr(ref(), "cross_attention_kwargs", None)})
+
+    for name in TEXT_ENCODERS:
+        if name in comps:
+            _follow_scale(comps[name], pipeline_scale)
 
 
-def _text_scaled(encode_prompt):
-    """Wrap a pipeline class's encode_prompt so that lora_scale=s also scales the text encoders' LoLDU adapters."""
-
-    @functools.wraps(encode_prompt)
-    def wrapper(self, *args, **kwargs):
-        scale = kwargs.get("lora_scale")
-        if scale is None:
-            return encode_prompt(self, *args, **kwargs)
-        with contextlib.ExitStack() as stack:  # loldu_scale sets (not multiplies): nested wrappers are harmless
-            for module in _components(self, TEXT_ENCODERS).values():
-                stack.enter_context(loldu_scale(module, scale))
-            return encode_prompt(self, *args, **kwargs)
-
-    wrapper._loldu_text_scaled = True
-    return wrapper
-
-
-def _wrap_encode_prompt(cls) -> None:
-    fn = cls.__dict__.get("encode_prompt")
-    if callable(fn) and not getattr(fn, "_loldu_text_scaled", False):
-        cls.encode_prompt = _text_scaled(fn)
-
-
-def _components(pipe, names=("unet",) + TEXT_ENCODERS) -> dict[str, nn.Module]:
-    return {n: getattr(pipe, n) for n in names if isinstance(getattr(pipe, n, None), nn.Module)}
+def pipeline_components(pipe) -> dict[str, nn.Module]:
+    """The pipeline's models that carry LoLDU adapters: {"unet", "text_encoder", "text_encoder_2"} where present."""
+    return {n: getattr(pipe, n) for n in ("unet",) + TEXT_ENCODERS if isinstance(getattr(pipe, n, None), nn.Module)}
 
 
 # ---- file resolution ------------------------------------------------------------------------------------------
@@ -155,13 +157,73 @@ def resolve_adapter_file(path_or_repo_id: str | os.PathLike, weight_name: str | 
         raise FileNotFoundError(f"{path_or_repo_id}: could not download the adapter from the Hub ({e})") from None
 
 
-# ---- functions taking components explicitly (used by the trainer and the studio) --------------------------------
+# ---- pipeline functions (also pipeline methods: see _PIPELINE_METHODS) ------------------------------------------
 def save_pipeline_adapter(save_directory: str | os.PathLike, components: dict[str, nn.Module],
                           adapter_name: str = "default", base_model: str | None = None,
                           metadata: dict[str, str] | None = None, weight_name: str = LOLDU_WEIGHT_NAME) -> Path:
     """Write adapter `adapter_name` of {component: module} to save_directory/pytorch_loldu_weights.safetensors."""
     meta = {"base_model": base_model or "", **(metadata or {})}
     return save_loldu(Path(save_directory) / weight_name, components, adapter_name, metadata=meta)
+
+
+def load_loldu_weights(pipe, path_or_repo_id: str | os.PathLike, weight_name: str | None = None,
+                       adapter_name: str | None = None, **hub_kwargs) -> str:
+    """Load a LoLDU adapter (file, directory or Hub repo id) into the UNet and text encoders; returns its name."""
+    path = resolve_adapter_file(path_or_repo_id, weight_name, **hub_kwargs)
+    comps = pipeline_components(pipe)
+    fused = any(layer.loldu_merged for _, layer in core.loldu_layers(comps))
+    name = load_loldu(path, comps, adapter_name).name
+    _follow_pipeline_scale(pipe)
+    if not fused:  # like diffusers, the newly loaded adapter becomes the active one
+        core.set_loldu_adapters(comps, [name])
+    return name
+
+
+def save_loldu_weights(pipe, save_directory: str | os.PathLike, adapter_name: str | None = None,
+                       weight_name: str = LOLDU_WEIGHT_NAME) -> Path:
+    """Save one adapter to save_directory/pytorch_loldu_weights.safetensors (atomic)."""
+    comps = pipeline_components(pipe)
+    base_model = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
+    return save_pipeline_adapter(save_directory, comps, adapter_name or _single_adapter(comps), base_model=base_model,
+                                 weight_name=weight_name)
+
+
+def set_loldu_adapters(pipe, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
+    """Activate adapters with mixing weights (they are summed: sum_a w_a * delta_a)."""
+    core.set_loldu_adapters(pipeline_components(pipe), adapter_names, weights)
+
+
+def get_loldu_adapters(pipe) -> dict[str, float]:
+    """Active adapters and their weights."""
+    return core.get_loldu_adapters(pipeline_components(pipe))
+
+
+def list_loldu_adapters(pipe) -> dict[str, list[str]]:
+    """All loaded adapters per component."""
+    names = {c: core.loldu_adapter_names(m) for c, m in pipeline_components(pipe).items()}
+    return {c: n for c, n in names.items() if n}
+
+
+def delete_loldu_adapters(pipe, adapter_names: str | list[str]) -> None:
+    """Delete adapters from every component (layers left empty become plain nn.Linear)."""
+    core.remove_loldu(pipeline_components(pipe), adapter_names)
+
+
+def fuse_loldu(pipe, scale: float = 1.0, components: list[str] | None = None,
+               adapter_names: list[str] | None = None) -> None:
+    """Merge active adapters into the weights: inference then costs exactly the base model."""
+    comps = {c: m for c, m in pipeline_components(pipe).items() if components is None or c in components}
+    core.merge_loldu(comps, adapter_names, scale)
+
+
+def unfuse_loldu(pipe) -> None:
+    """Undo fuse_loldu, restoring the base weights bit-exactly."""
+    core.unmerge_loldu(pipeline_components(pipe))
+
+
+def unload_loldu_weights(pipe) -> None:
+    """Remove every LoLDU adapter; the pipeline is the base model again, bit for bit (runtime-scale hooks included)."""
+    core.remove_loldu(pipeline_components(pipe))
 
 
 def export_lora_state_dict(components: dict[str, nn.Module], adapter_name: str, format: str = "diffusers",
@@ -171,7 +233,7 @@ def export_lora_state_dict(components: dict[str, nn.Module], adapter_name: str, 
         raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
     out = {}
     for comp, module in components.items():
-        for name, layer in loldu_layers(module):
+        for name, layer in core.loldu_layers(module):
             if adapter_name not in layer.loldu_adapters:
                 continue
             a = layer.loldu_adapters[adapter_name]
@@ -197,7 +259,7 @@ def export_lora(pipe, output_path: str | os.PathLike, adapter_name: str | None =
     """Write the exact LoRA equivalent of a LoLDU adapter, loadable by `pipe.load_lora_weights` / A1111 / ComfyUI."""
     from safetensors.torch import save_file
 
-    comps = _components(pipe)
+    comps = pipeline_components(pipe)
     name = adapter_name or _single_adapter(comps)
     tensors = export_lora_state_dict(comps, name, format, dtype)
     meta = {"format": "pt", "exported_from": "loldu", "loldu_adapter": name}
@@ -205,183 +267,22 @@ def export_lora(pipe, output_path: str | os.PathLike, adapter_name: str | None =
 
 
 def _single_adapter(comps: dict[str, nn.Module]) -> str:
-    active = {n for m in comps.values() for n in get_loldu_adapters(m)}
-    names = sorted(active) or sorted({n for m in comps.values() for n in loldu_adapter_names(m)})
+    names = sorted(core.get_loldu_adapters(comps)) or sorted(core.loldu_adapter_names(comps))
     if len(names) != 1:
         raise ValueError(f"pipeline has adapters {names}; pass adapter_name=... to choose one")
     return names[0]
 
 
-# ---- the pipeline mixin ---------------------------------------------------------------------------------------
-class LoLDULoaderMixin:
-    """Pipeline methods mirroring diffusers' LoRA loader: load/save/set/get/delete/fuse/unfuse/unload."""
+# The one place this module touches diffusers: SD and SDXL pipelines get the functions above as methods.
+_PIPELINE_METHODS = (load_loldu_weights, save_loldu_weights, set_loldu_adapters, get_loldu_adapters,
+                     list_loldu_adapters, delete_loldu_adapters, fuse_loldu, unfuse_loldu, unload_loldu_weights)
+for _mixin in (StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin):
+    for _fn in _PIPELINE_METHODS:
+        setattr(_mixin, _fn.__name__, _fn)
 
-    def load_loldu_weights(self, path_or_repo_id: str | os.PathLike, weight_name: str | None = None,
-                           adapter_name: str | None = None, **hub_kwargs) -> str:
-        """Load a LoLDU adapter (file, directory or Hub repo id) into the UNet and text encoders; returns its name."""
-        path = resolve_adapter_file(path_or_repo_id, weight_name, **hub_kwargs)
-        comps = _components(self)
-        fused = any(layer.loldu_merged for m in comps.values() for _, layer in loldu_layers(m))
-        loaded: LoadedAdapter = load_loldu(path, comps, adapter_name)
-        if "unet" in comps:
-            _install_scale_hook(comps["unet"])
-        if not fused:  # like diffusers, the newly loaded adapter becomes the active one
-            for m in comps.values():
-                if loaded.name in loldu_adapter_names(m):
-                    set_loldu_adapters(m, [loaded.name])
-                else:
-                    for _, layer in loldu_layers(m):
-                        layer.set_active([])
-        return loaded.name
-
-    def save_loldu_weights(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
-                           weight_name: str = LOLDU_WEIGHT_NAME) -> Path:
-        """Save one adapter to save_directory/pytorch_loldu_weights.safetensors (atomic)."""
-        comps = _components(self)
-        name = adapter_name or _single_adapter(comps)
-        comps = {c: m for c, m in comps.items() if name in loldu_adapter_names(m)}
-        base_model = getattr(self, "name_or_path", None) or self.config.get("_name_or_path", "")
-        return save_pipeline_adapter(save_directory, comps, name, base_model=base_model,
-                                     weight_name=weight_name)
-
-    def set_loldu_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
-        """Activate adapters with mixing weights (they are summed: sum_a w_a * delta_a)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        comps = _components(self)
-        known = {n for m in comps.values() for n in loldu_adapter_names(m)}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise ValueError(f"unknown LoLDU adapter(s) {missing}; loaded: {sorted(known)}")
-        if weights is None or isinstance(weights, (int, float)):
-            weights = [1.0 if weights is None else float(weights)] * len(names)
-        if len(weights) != len(names):
-            raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
-        for m in comps.values():
-            present = loldu_adapter_names(m)
-            sel = [(n, w) for n, w in zip(names, weights) if n in present]
-            if sel:
-                set_loldu_adapters(m, [n for n, _ in sel], [w for _, w in sel])
-            else:
-                for _, layer in loldu_layers(m):
-                    layer.set_active([])
-
-    def get_loldu_adapters(self) -> dict[str, float]:
-        """Active adapters and their weights."""
-        active: dict[str, float] = {}
-        for m in _components(self).values():
-            active.update(get_loldu_adapters(m))
-        return active
-
-    def list_loldu_adapters(self) -> dict[str, list[str]]:
-        """All loaded adapters per component."""
-        return {c: loldu_adapter_names(m) for c, m in _components(self).items() if loldu_adapter_names(m)}
-
-    def delete_loldu_adapters(self, adapter_names: str | list[str]) -> None:
-        """Delete adapters from every component (layers left empty become plain nn.Linear)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        comps = _components(self)
-        known = {n for m in comps.values() for n in loldu_adapter_names(m)}
-        if any(n not in known for n in names):
-            unknown = [n for n in names if n not in known]
-            raise ValueError(f"unknown LoLDU adapter(s) {unknown}; loaded: {sorted(known)}")
-        for m in comps.values():
-            present = [n for n in names if n in loldu_adapter_names(m)]
-            if present:
-                remove_loldu(m, present)
-        _remove_hooks_if_empty(self)
-
-    def fuse_loldu(self, scale: float = 1.0, components: list[str] | None = None,
-                   adapter_names: list[str] | None = None) -> None:
-        """Merge active adapters into the weights: inference then costs exactly the base model."""
-        for c, m in _components(self).items():
-            if components is None or c in components:
-                merge_loldu(m, adapter_names, scale)
-
-    def unfuse_loldu(self) -> None:
-        """Undo fuse_loldu, restoring the base weights bit-exactly."""
-        for m in _components(self).values():
-            unmerge_loldu(m)
-
-    def unload_loldu_weights(self) -> None:
-        """Remove every LoLDU adapter; the pipeline is the base model again, bit for bit."""
-        for m in _components(self).values():
-            if loldu_adapter_names(m):
-                remove_loldu(m)
-        _remove_hooks_if_empty(self)
-
-
-def _remove_hooks_if_empty(pipe) -> None:
-    """Once the last adapter is gone, take the UNet's scale hooks out too: the UNet runs bare, as loaded.
-
-    The encode_prompt wrapper stays: without adapters it is one dict lookup, and removing it would make the text
-    encoder's runtime scale depend on the order of calls.
-    """
-    comps = _components(pipe)
-    if "unet" in comps and not any(loldu_adapter_names(m) for m in comps.values()):
-        remove_scale_hook(comps["unet"])
-
-
-def _attach(pipeline_utils) -> None:
-    """Add the LoLDULoaderMixin methods to DiffusionPipeline, and the text-encoder runtime scale to every pipeline
-    class's encode_prompt: those defined already and, through __init_subclass__, those diffusers loads later."""
-    base = pipeline_utils.DiffusionPipeline
-    for name, fn in vars(LoLDULoaderMixin).items():
-        if callable(fn) and not name.startswith("_"):
-            setattr(base, name, fn)
-    if base.__dict__.get("_loldu_attached"):
-        return
-    own = base.__dict__.get("__init_subclass__")
-
-    def __init_subclass__(cls, **kwargs):
-        if own is not None:
-            own.__func__(cls, **kwargs)
-        else:
-            super(base, cls).__init_subclass__(**kwargs)
-        _wrap_encode_prompt(cls)
-
-    base.__init_subclass__ = classmethod(__init_subclass__)
-    base._loldu_attached = True
-    todo = list(base.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        _wrap_encode_prompt(cls)
-        todo.extend(cls.__subclasses__())
-
-
-class _AttachOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Post-import hook: attach the methods when diffusers' pipeline_utils loads, so `import loldu_sd` stays light."""
-
-    target = "diffusers.pipelines.pipeline_utils"
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.target:
-            return None
-        sys.meta_path.remove(self)  # find the real spec without us, then wrap its loader
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is not None and spec.loader is not None:
-            self._loader, spec.loader = spec.loader, self
-        return spec
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        sys.meta_path.remove(self)
-        _attach(module)
-
-
-def register() -> None:
-    """Give every diffusers pipeline the LoLDU methods: now if diffusers is loaded, else when it loads."""
-    if _AttachOnImport.target in sys.modules:
-        _attach(sys.modules[_AttachOnImport.target])
-    elif not any(isinstance(f, _AttachOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AttachOnImport())
-
-
-__all__ = ["LOLDU_WEIGHT_NAME", "LoLDULoaderMixin", "add_loldu_to_unet", "add_loldu_to_text_encoder", "export_lora",
-           "export_lora_state_dict", "register", "resolve_adapter_file", "save_pipeline_adapter",
-           "unet_target_layers", "LoLDUFormatError", "read_adapter_file"]
+__all__ = ["LOLDU_WEIGHT_NAME", "LoLDUFormatError", "TEXT_ENCODERS", "add_loldu_to_pipeline",
+           "add_loldu_to_text_encoder", "add_loldu_to_unet",
+           "delete_loldu_adapters", "export_lora", "export_lora_state_dict", "fuse_loldu",
+           "get_loldu_adapters", "list_loldu_adapters", "load_loldu_weights", "pipeline_components",
+           "read_adapter_file", "resolve_adapter_file", "save_loldu_weights", "save_pipeline_adapter",
+           "set_loldu_adapters", "unet_target_layers", "unfuse_loldu", "unload_loldu_weights"]

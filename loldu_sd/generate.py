@@ -43,10 +43,12 @@ def main(args: argparse.Namespace) -> list[Path]:
     import torch
     from diffusers import DiffusionPipeline
 
-    import loldu_sd  # noqa: F401  (adds the pipeline methods)
+    import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
+    from loldu_sd.training.models import diffusers_dtype
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **diffusers_dtype(dtype))
+    pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     names = [pipe.load_loldu_weights(a, adapter_name=f"adapter{i}") for i, a in enumerate(args.adapter)]
     if names:

@@ -27,15 +27,13 @@ from torch import nn
 from .config import LoLDUConfig
 from .decompose import fingerprint, top_r_ldu
 from .layer import LoLDULinear
-from .model import _submodules, _wrap_linears, loldu_adapter_names, loldu_layers
+from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
+                    loldu_layers)
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 1
 NORM_RTOL, Z0_RTOL = 1e-3, 1e-2  # fingerprint tolerances: fp16 vs fp32 copies of one base pass, other bases fail
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+LOLDU_WEIGHT_NAME = "pytorch_loldu_weights.safetensors"  # the file name in an adapter directory
 
 
 class LoLDUFormatError(ValueError):
@@ -56,10 +54,6 @@ class LoadedAdapter:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _components(modules: nn.Module | dict[str, nn.Module]) -> dict[str, nn.Module]:
-    return {"": modules} if isinstance(modules, nn.Module) else {k: v for k, v in modules.items() if v is not None}
-
-
 def _prefix(component: str) -> str:
     return f"{component}." if component else ""
 
@@ -70,10 +64,13 @@ def atomic_write(path: str | Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        # safetensors creates 0600 files; a file we create first shows the mode the user's umask gives
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o666))
+        mode = tmp.stat().st_mode & 0o777
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600 files; give users their usual mode
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -84,11 +81,18 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-def loldu_state_dict(modules: nn.Module | dict[str, nn.Module], adapter_name: str = "default"
+def layer_values(tensors: dict[str, torch.Tensor], component: str, ranks: list[int]
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(z, sigma) of each layer of one component of an adapter file, in the file's layer order."""
+    p = _prefix(component)
+    return list(zip(tensors[p + "loldu.z"].split(ranks), tensors[p + "loldu.sigma"]))
+
+
+def loldu_state_dict(modules: Components, adapter_name: str = "default"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, list[list]]]:
     """Packed tensors and layer list of one adapter, as stored in the file."""
     tensors, layers = {}, {}
-    for comp, module in _components(modules).items():
+    for comp, module in components(modules).items():
         entries = [(n, layer.loldu_adapters[adapter_name]) for n, layer in loldu_layers(module)
                    if adapter_name in layer.loldu_adapters]
         if not entries:
@@ -103,18 +107,15 @@ def loldu_state_dict(modules: nn.Module | dict[str, nn.Module], adapter_name: st
     return tensors, layers
 
 
-def save_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adapter_name: str = "default",
+def save_loldu(path: str | Path, modules: Components, adapter_name: str = "default",
                metadata: dict[str, str] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter `adapter_name` of a module (or {component: module}) to a safetensors file, atomically."""
-    from .model import get_loldu_config
-
     tensors, layers = loldu_state_dict(modules, adapter_name)
-    first = next(m for c, m in _components(modules).items() if c in layers)
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=FORMAT_NAME, format_version=str(FORMAT_VERSION), adapter_name=adapter_name,
-                config=get_loldu_config(first, adapter_name).to_json(),
+                config=get_loldu_config(modules, adapter_name).to_json(),
                 layers=json.dumps(layers, separators=(",", ":")))
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -176,11 +177,9 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                 or sigma.shape != (len(entries),) or fp.shape != (len(entries), 3)):
             raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
         modules = maps[comp] = _submodules(comps[comp])
-        offset = 0
-        for i, (name, rank) in enumerate(entries):
-            zi, offset = z[offset: offset + rank], offset + rank
+        for i, ((name, rank), (zi, si)) in enumerate(zip(entries, layer_values(tensors, comp, ranks))):
             where = f"{comp}.{name}" if comp else name
-            if not (torch.isfinite(zi).all() and torch.isfinite(sigma[i])):
+            if not (torch.isfinite(zi).all() and torch.isfinite(si)):
                 raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
             if layer is None:
@@ -205,24 +204,23 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                     f"(||W0|| {float(fp[i, 0]):.6g} in the file vs {float(mine[0]):.6g} here)")
             if mine[2] != fp[i, 2]:
                 pivot_drift.append(where)
-            plan.append((comp, name, zi, sigma[i], factors))
+            plan.append((comp, name, zi, si, factors))
     if pivot_drift:
         warnings.warn(f"{path}: {len(pivot_drift)} layer(s) pivot differently from the model the adapter was trained "
                       f"on (e.g. {pivot_drift[0]}); base weights differ slightly (bf16 vs fp16 copy?)", stacklevel=3)
     return config, plan, maps
 
 
-def load_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adapter_name: str | None = None
+def load_loldu(path: str | Path, modules: Components, adapter_name: str | None = None
                ) -> LoadedAdapter:
     """Load an adapter file into a module (or {component: module}); on any error the model is left unchanged."""
     path = Path(path)
     tensors, meta = read_adapter_file(path)
-    comps = _components(modules)
+    comps = components(modules)
     name = adapter_name or meta.get("adapter_name") or "default"
-    for comp, module in comps.items():
-        if name in loldu_adapter_names(module):
-            raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
-                                   "or delete that adapter first")
+    if name in loldu_adapter_names(comps):
+        raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
+                               "or delete that adapter first")
     config, plan, maps = _plan_load(path, tensors, meta, comps)
     layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
               for comp, modules in maps.items()}
@@ -235,5 +233,5 @@ def load_loldu(path: str | Path, modules: nn.Module | dict[str, nn.Module], adap
     return LoadedAdapter(name=name, config=config, metadata=meta, extra_tensors=extra)
 
 
-__all__ = ["LoLDUFormatError", "LoLDUBaseMismatchError", "LoadedAdapter", "save_loldu", "load_loldu",
-           "read_adapter_file", "loldu_state_dict", "atomic_write"]
+__all__ = ["LOLDU_WEIGHT_NAME", "LoLDUFormatError", "LoLDUBaseMismatchError", "LoadedAdapter", "save_loldu",
+           "load_loldu", "read_adapter_file", "loldu_state_dict", "atomic_write"]

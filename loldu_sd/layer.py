@@ -63,8 +63,22 @@ class _MergedLoLDULinear(torch.autograd.Function):
         return grad_x, None, None, None, None, grad_s
 
 
-# Bumped whenever a layer is wrapped or unwrapped anywhere: invalidates every cached layer list (model.loldu_layers).
-structure_version = [0]
+class RuntimeScale:
+    """The runtime multiplier that every LoLDU layer of one adapted model reads (LoRA's `scale`, 1.0 by default).
+
+    One object per model: a caller (e.g. a forward pre-hook reading `cross_attention_kwargs`) sets `value` once and
+    every layer follows. `hooks` holds the handles of such callers, removed with the model's last LoLDU layer.
+    """
+
+    def __init__(self) -> None:
+        self.value = 1.0
+        self.hooks: list = []
+
+    def release(self) -> None:
+        """Remove the hooks that drive this scale."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
 
 
 class LoLDUAdapter(nn.Module):
@@ -107,9 +121,8 @@ class LoLDULinear(nn.Linear):
     """nn.Linear with LoLDU adapters; build it with `LoLDULinear.from_linear(linear)`."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "LoLDULinear":
-        """Wrap `linear` without copying: the new layer shares its weight and bias Parameters."""
-        structure_version[0] += 1
+    def from_linear(cls, linear: nn.Linear, scale: RuntimeScale | None = None) -> "LoLDULinear":
+        """Wrap `linear` without copying: the new layer shares its weight and bias Parameters (and `scale`)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -123,7 +136,7 @@ class LoLDULinear(nn.Linear):
         layer.register_buffer("loldu_A", None, persistent=False)  # (R, n)
         layer.loldu_active: list[str] = []
         layer.loldu_merged: list[str] = []
-        layer.loldu_runtime_scale = 1.0
+        layer.loldu_runtime_scale = RuntimeScale() if scale is None else scale
         # W0 kept while merged, so unmerge is bit-exact; a buffer, so that .to(device/dtype) after a merge moves it too
         layer.register_buffer("_loldu_original_weight", None, persistent=False)
         return layer
@@ -131,7 +144,6 @@ class LoLDULinear(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's (unmerged) weight and bias."""
         self.unmerge()
-        structure_version[0] += 1
         linear = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = self.in_features, self.out_features
@@ -204,7 +216,7 @@ class LoLDULinear(nn.Linear):
         return (self.loldu_B[:, :r].float() * s) @ self.loldu_A[:r].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.combined_diag(scale=self.loldu_runtime_scale)
+        s = self.combined_diag(scale=self.loldu_runtime_scale.value)
         if s is None:
             return F.linear(x, self.weight, self.bias)
         r = s.numel()

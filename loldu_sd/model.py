@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .config import LoLDUConfig
-from .layer import LoLDULinear, structure_version
+from .layer import LoLDULinear, RuntimeScale
+
+
+Components = nn.Module | Mapping[str, nn.Module | None]  # a model, or a pipeline's named models
+
+
+def components(modules: Components) -> dict[str, nn.Module]:
+    """{component name: module}: {"": module} for one model, the non-None entries of a mapping otherwise."""
+    return {"": modules} if isinstance(modules, nn.Module) else {k: v for k, v in modules.items() if v is not None}
 
 
 def _matches(name: str, targets: list[str] | str) -> bool:
@@ -39,26 +47,32 @@ def _replace_modules(root: nn.Module, new: dict[str, nn.Module], modules: dict[s
     for name, module in new.items():
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else root, child, module)
-    structure_version[0] += 1
 
 
 def _wrap_linears(root: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> dict[str, LoLDULinear]:
-    """The LoLDULinear at each name of `root`, wrapping (in place) the plain nn.Linear ones; `modules`: _submodules."""
-    wrapped = {n: LoLDULinear.from_linear(modules[n]) for n in names if not isinstance(modules[n], LoLDULinear)}
+    """The LoLDULinear at each name of `root`, wrapping (in place) the plain nn.Linear ones; `modules`: _submodules.
+
+    New layers share the runtime scale of the layers `root` already has, so the model keeps one scale object.
+    """
+    scale = next((m.loldu_runtime_scale for m in modules.values() if isinstance(m, LoLDULinear)), None)
+    scale = RuntimeScale() if scale is None else scale
+    wrapped = {n: LoLDULinear.from_linear(modules[n], scale) for n in names if not isinstance(modules[n], LoLDULinear)}
     if wrapped:
         _replace_modules(root, wrapped, modules)
     return {n: wrapped.get(n, modules[n]) for n in names}
 
 
-def loldu_layers(module: nn.Module) -> Iterator[tuple[str, LoLDULinear]]:
-    """(name, layer) for every LoLDU layer in `module`."""
-    # Walking the SD UNet's ~1,100 modules costs ~1 ms; switching adapters and the per-call scale hook only need
-    # the 128 LoLDU layers, so the list is cached on the module until a layer is wrapped or unwrapped.
-    cached = module.__dict__.get("_loldu_layer_cache")
-    if cached is None or cached[0] != structure_version[0]:
-        cached = (structure_version[0], [(n, m) for n, m in module.named_modules() if isinstance(m, LoLDULinear)])
-        module.__dict__["_loldu_layer_cache"] = cached
-    return iter(cached[1])
+def loldu_layers(modules: Components) -> Iterator[tuple[str, LoLDULinear]]:
+    """(name, layer) for every LoLDU layer in a module, or in each of a mapping's ("component.name")."""
+    for comp, module in components(modules).items():
+        for name, m in module.named_modules():
+            if isinstance(m, LoLDULinear):
+                yield (f"{comp}.{name}" if comp else name), m
+
+
+def runtime_scale(module: nn.Module) -> RuntimeScale | None:
+    """The runtime scale object that the LoLDU layers of `module` read (None without LoLDU layers)."""
+    return next((layer.loldu_runtime_scale for _, layer in loldu_layers(module)), None)
 
 
 def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
@@ -83,13 +97,16 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
     return module
 
 
-def loldu_parameters(module: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
-    """Trainable LoLDU tensors (z, and sigma unless frozen) of one adapter or all."""
+def loldu_parameters(module: Components, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """The LoLDU tensors to train (z, and sigma unless the config freezes it) of one adapter or all.
+
+    Chosen by the adapter's config, not by `requires_grad`: freezing the surrounding model must not hide them.
+    """
     return [p for _, layer in loldu_layers(module) for n, a in layer.loldu_adapters.items()
-            if adapter_name in (None, n) for p in a.parameters() if p.requires_grad]
+            if adapter_name in (None, n) for p in ([a.z, a.sigma] if a.config.train_sigma else [a.z])]
 
 
-def loldu_adapter_names(module: nn.Module) -> list[str]:
+def loldu_adapter_names(module: Components) -> list[str]:
     """Names of the adapters present in `module`, in insertion order."""
     names: dict[str, None] = {}
     for _, layer in loldu_layers(module):
@@ -97,7 +114,7 @@ def loldu_adapter_names(module: nn.Module) -> list[str]:
     return list(names)
 
 
-def get_loldu_config(module: nn.Module, adapter_name: str) -> LoLDUConfig:
+def get_loldu_config(module: Components, adapter_name: str) -> LoLDUConfig:
     """The config adapter `adapter_name` was created with."""
     for _, layer in loldu_layers(module):
         if adapter_name in layer.loldu_adapters:
@@ -105,21 +122,21 @@ def get_loldu_config(module: nn.Module, adapter_name: str) -> LoLDUConfig:
     raise KeyError(f"no LoLDU adapter named {adapter_name!r}; present: {loldu_adapter_names(module)}")
 
 
-def project_loldu_(module: nn.Module) -> None:
+def project_loldu_(module: Components) -> None:
     """Projected gradient descent: clamp sigma and z of every adapter into their bounds (after optimizer.step())."""
     for _, layer in loldu_layers(module):
         for adapter in layer.loldu_adapters.values():
             adapter.project_()
 
 
-def _check_names(module: nn.Module, names: list[str]) -> None:
+def _check_names(module: Components, names: list[str]) -> None:
     present = loldu_adapter_names(module)
     missing = [n for n in names if n not in present]
     if missing:
         raise ValueError(f"unknown LoLDU adapter(s) {missing}; present: {present}")
 
 
-def set_loldu_adapters(module: nn.Module, names: str | list[str], weights: float | list[float] | None = None) -> None:
+def set_loldu_adapters(module: Components, names: str | list[str], weights: float | list[float] | None = None) -> None:
     """Make `names` the active adapters, each with a mixing weight (default 1.0)."""
     names = [names] if isinstance(names, str) else list(names)
     if weights is not None and not isinstance(weights, (list, tuple)):
@@ -134,7 +151,7 @@ def set_loldu_adapters(module: nn.Module, names: str | list[str], weights: float
         layer.set_active([n for n, _ in here], [w for _, w in here])
 
 
-def get_loldu_adapters(module: nn.Module) -> dict[str, float]:
+def get_loldu_adapters(module: Components) -> dict[str, float]:
     """Active adapters and their mixing weights."""
     active: dict[str, float] = {}
     for _, layer in loldu_layers(module):
@@ -142,57 +159,66 @@ def get_loldu_adapters(module: nn.Module) -> dict[str, float]:
     return active
 
 
-def merge_loldu(module: nn.Module, adapter_names: list[str] | None = None, scale: float = 1.0) -> None:
+def merge_loldu(module: Components, adapter_names: list[str] | None = None, scale: float = 1.0) -> None:
     """Fuse the active (or named) adapters into the base weights; inference then costs exactly the base."""
     for _, layer in loldu_layers(module):
         layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.loldu_adapters], scale)
 
 
-def unmerge_loldu(module: nn.Module) -> None:
+def unmerge_loldu(module: Components) -> None:
     """Undo every merge, restoring the base weights bit-exactly."""
     for _, layer in loldu_layers(module):
         layer.unmerge()
 
 
-def remove_loldu(module: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
+def remove_loldu(module: Components, adapter_names: str | list[str] | None = None) -> Components:
     """Delete adapters (default all); layers left with none become plain nn.Linear again, W0 untouched."""
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
     if adapter_names is not None:
         _check_names(module, adapter_names)
-    unwrapped = {}
-    for name, layer in list(loldu_layers(module)):
+    for root in components(module).values():
+        _remove_from(root, adapter_names)
+    return module
+
+
+def _remove_from(root: nn.Module, adapter_names: list[str] | None) -> None:
+    """remove_loldu for one model; the last layer to go takes the hooks that drive its runtime scale along."""
+    unwrapped, scale = {}, runtime_scale(root)
+    for name, layer in list(loldu_layers(root)):
         for n in list(layer.loldu_adapters) if adapter_names is None else adapter_names:
             if n in layer.loldu_adapters:
                 layer.delete_adapter(n)
         if not layer.loldu_adapters:
             unwrapped[name] = layer.to_linear()
     if unwrapped:
-        _replace_modules(module, unwrapped)
-    return module
+        _replace_modules(root, unwrapped)
+    if scale is not None and runtime_scale(root) is None:
+        scale.release()
 
 
 @contextlib.contextmanager
-def loldu_scale(module: nn.Module, scale: float):
+def loldu_scale(module: Components, scale: float):
     """Temporarily multiply every unmerged adapter's delta by `scale` (like LoRA's cross_attention_kwargs scale)."""
-    layers = [layer for _, layer in loldu_layers(module)]
-    old = [layer.loldu_runtime_scale for layer in layers]
-    for layer in layers:
-        layer.loldu_runtime_scale = float(scale)
+    scales = list({id(layer.loldu_runtime_scale): layer.loldu_runtime_scale for _, layer in loldu_layers(module)}
+                  .values())
+    old = [s.value for s in scales]
+    for s in scales:
+        s.value = float(scale)
     try:
         yield module
     finally:
-        for layer, s in zip(layers, old):
-            layer.loldu_runtime_scale = s
+        for s, value in zip(scales, old):
+            s.value = value
 
 
-def count_loldu_parameters(module: nn.Module, adapter_name: str | None = None) -> int:
+def count_loldu_parameters(module: Components, adapter_name: str | None = None) -> int:
     """Number of trainable LoLDU values: (r+1) per adapted layer, r with sigma frozen."""
     return sum(p.numel() for p in loldu_parameters(module, adapter_name))
 
 
 @torch.no_grad()
-def cast_loldu_parameters(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+def cast_loldu_parameters(module: Components, dtype: torch.dtype = torch.float32) -> None:
     """Keep trainable z/sigma in `dtype` (fp32) after casting the frozen model to fp16/bf16 for mixed precision."""
     for p in loldu_parameters(module):
         p.data = p.data.to(dtype)

@@ -4,9 +4,11 @@ import torch
 
 import loldu_sd
 from loldu_sd import LoLDUConfig, LoLDUFormatError, LoLDUBaseMismatchError
-from loldu_sd.diffusers import unet_target_layers
 
 pytest.importorskip("diffusers")
+import loldu_sd.diffusers  # noqa: E402
+from loldu_sd.diffusers import add_loldu_to_pipeline, add_loldu_to_text_encoder, add_loldu_to_unet  # noqa: E402
+from loldu_sd.diffusers import export_lora, unet_target_layers  # noqa: E402
 from loldu_sd.testing import tiny_pipeline  # noqa: E402
 
 
@@ -43,10 +45,8 @@ def pipe(base):
 
 
 def add(pipe, name, rank=4, text=False, seed=1):
-    cfg = LoLDUConfig(rank=rank)
-    loldu_sd.add_loldu_to_unet(pipe.unet, cfg, name)
+    add_loldu_to_pipeline(pipe, LoLDUConfig(rank=rank), name, text_encoders=text)
     if text:
-        loldu_sd.add_loldu_to_text_encoder(pipe.text_encoder, cfg, name)
         randomise(pipe.text_encoder, name, seed=seed)
     randomise(pipe.unet, name, seed=seed)
 
@@ -59,8 +59,8 @@ def test_targets_are_every_attention_projection(base):
 
 
 def test_identity_at_init_and_changed_z_changes_images(pipe, base):
-    loldu_sd.add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=4), "a")
-    loldu_sd.add_loldu_to_text_encoder(pipe.text_encoder, LoLDUConfig(rank=4), "a")
+    add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=4), "a")
+    add_loldu_to_text_encoder(pipe.text_encoder, LoLDUConfig(rank=4), "a")
     assert torch.equal(images(pipe), base[1])
     randomise(pipe.unet, "a")
     assert not torch.allclose(images(pipe), base[1], atol=1e-3)
@@ -90,11 +90,22 @@ def test_unload_and_deleting_the_last_adapter_leave_no_unet_hooks_behind(pipe, b
     pipe.save_loldu_weights(tmp_path)
     pipe.unload_loldu_weights()
     for _ in range(2):  # unload, then delete the last one: both leave the UNet as loaded
-        assert hooks(pipe.unet) == bare and "_loldu_scale_hooks" not in pipe.unet.__dict__
+        assert hooks(pipe.unet) == bare
         assert torch.equal(images(pipe, cross_attention_kwargs={"scale": 0.5}), base[1])
         pipe.load_loldu_weights(tmp_path, adapter_name="x")
         assert hooks(pipe.unet) != bare  # the scale hooks are back with an adapter
         pipe.delete_loldu_adapters("x")
+
+
+def test_regex_targets_follow_the_cross_attention_scale(pipe, base):
+    """A regex target_modules adds adapters like a suffix list does, runtime scale included."""
+    add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=4, target_modules=r".*attn\d\.to_[qkv]"), "a")
+    randomise(pipe.unet, "a")
+    assert not torch.allclose(images(pipe), base[1], atol=1e-3)
+    assert torch.equal(images(pipe, cross_attention_kwargs={"scale": 0.0}), base[1])
+    half = images(pipe, cross_attention_kwargs={"scale": 0.5})
+    pipe.set_loldu_adapters("a", 0.5)
+    assert torch.allclose(images(pipe), half, atol=1e-6)
 
 
 def test_runtime_scale_matches_weight(pipe, base):
@@ -151,7 +162,7 @@ def test_export_lora_loads_with_stock_diffusers(pipe, tmp_path, fmt):
     pytest.importorskip("peft")
     add(pipe, "a", text=True)
     ref = images(pipe)
-    out = loldu_sd.export_lora(pipe, tmp_path / f"lora_{fmt}.safetensors", format=fmt)
+    out = export_lora(pipe, tmp_path / f"lora_{fmt}.safetensors", format=fmt)
     pipe.unload_loldu_weights()
     pipe.load_lora_weights(str(out), adapter_name="exported")
     try:
@@ -182,7 +193,7 @@ def test_every_attention_processor_gives_same_images(pipe):
 
 def test_refuses_other_base_model_and_leaves_pipeline_unchanged(pipe, base, tmp_path):
     other = tiny_pipeline(seed=1)
-    loldu_sd.add_loldu_to_unet(other.unet, LoLDUConfig(rank=4), "x")
+    add_loldu_to_unet(other.unet, LoLDUConfig(rank=4), "x")
     other.save_loldu_weights(tmp_path)
     with pytest.raises(LoLDUBaseMismatchError, match="different base model.*first mismatching layer"):
         pipe.load_loldu_weights(tmp_path)
@@ -207,7 +218,7 @@ def test_refuses_missing_targets_name_collision_and_lora_files(pipe, tmp_path):
     save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(LoLDUFormatError, match="down_blocks.9"):
         pipe.load_loldu_weights(tmp_path / "bad.safetensors", adapter_name="z")
-    lora = loldu_sd.export_lora(pipe, tmp_path / "lora.safetensors")
+    lora = export_lora(pipe, tmp_path / "lora.safetensors")
     with pytest.raises(LoLDUFormatError, match="LoRA file.*load_lora_weights"):
         pipe.load_loldu_weights(lora, adapter_name="z")
     assert pipe.list_loldu_adapters() == {"unet": ["a"]}
@@ -221,17 +232,19 @@ def test_missing_local_path_and_offline_hub(pipe, tmp_path, monkeypatch):
         pipe.load_loldu_weights("someone/some-loldu-adapter")
 
 
-@pytest.mark.parametrize("diffusers_first", [False, True])
-def test_pipeline_methods_and_text_scale_whatever_the_import_order(diffusers_first):
-    """Every SD pipeline class gets the methods and the text-encoder runtime scale, imported before or after us."""
+def test_methods_come_from_one_explicit_import_on_the_sd_loader_mixins():
+    """`import loldu_sd` leaves diffusers alone; `import loldu_sd.diffusers` gives SD/SDXL pipelines the methods."""
     import subprocess
     import sys
 
-    order = ["import diffusers.pipelines.pipeline_utils", "import loldu_sd"]
-    code = "; ".join((order if diffusers_first else order[::-1]) + [
-        "from diffusers import StableDiffusionPipeline as T, StableDiffusionImg2ImgPipeline as I, "
-        "StableDiffusionInpaintPipeline as P",
-        "assert all(c.encode_prompt._loldu_text_scaled and c.load_loldu_weights for c in (T, I, P))"])
+    code = "; ".join([
+        "import loldu_sd, diffusers",
+        "from diffusers import StableDiffusionPipeline as T, StableDiffusionXLPipeline as X, FluxPipeline as F",
+        "assert not any(hasattr(c, 'load_loldu_weights') for c in (T, X, F))",
+        "import loldu_sd.diffusers",
+        "from diffusers import StableDiffusionImg2ImgPipeline as I, StableDiffusionInpaintPipeline as P",
+        "assert all(c.load_loldu_weights is loldu_sd.diffusers.load_loldu_weights for c in (T, X, I, P))",
+        "assert not hasattr(F, 'load_loldu_weights') and not hasattr(diffusers.DiffusionPipeline, 'fuse_loldu')"])
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -243,9 +256,7 @@ def test_sdxl_two_text_encoders_save_load_and_runtime_scale(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     ref = images(pipe)
     cfg = LoLDUConfig(rank=4)
-    loldu_sd.add_loldu_to_unet(pipe.unet, cfg, "a")
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        loldu_sd.add_loldu_to_text_encoder(encoder, cfg, "a")
+    add_loldu_to_pipeline(pipe, cfg, "a", text_encoders=True)
     assert torch.equal(images(pipe), ref)
     for i, module in enumerate((pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
         randomise(module, "a", seed=i + 1)

@@ -160,10 +160,10 @@ def test_dreambooth_cli_bad_subject_groups(tmp_path, capsys):
 def test_dreambooth_end_to_end_on_tiny_pipeline(tmp_path):
     """2 prompts x 1 image on the tiny SD pipeline with a real LoLDU adapter: JSON, CSV, grid and chart."""
     testing = pytest.importorskip("loldu_sd.testing")
-    import loldu_sd
+    import loldu_sd.diffusers
 
     pipe = testing.tiny_pipeline(seed=0)
-    loldu_sd.add_loldu_to_unet(pipe.unet, loldu_sd.LoLDUConfig(rank=2), "dog")
+    loldu_sd.diffusers.add_loldu_to_unet(pipe.unet, loldu_sd.LoLDUConfig(rank=2), "dog")
     pipe.save_loldu_weights(tmp_path / "adapter")
     testing.save_tiny_pipeline(tmp_path / "sd", seed=0)
     ref = save_noise(tmp_path / "ref", ["0.png", "1.png"], size=64)

@@ -250,7 +250,54 @@ def test_refused_switch_after_partial_merge_changes_no_layer(tiny_net):
                       for n, m in net.named_modules() if isinstance(m, LoLDULinear)}
 
 
-def test_layer_list_cache_follows_every_structural_change():
+def test_plain_assignment_of_a_wrapped_layer_is_seen_by_parameters_and_save(tmp_path):
+    """A LoLDU layer moved in with `net[1] = layer` counts at once: no cached layer list to go stale."""
+    from loldu_sd import load_loldu, loldu_layers, loldu_parameters, save_loldu
+
+    torch.manual_seed(0)
+    net, other = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)), nn.Sequential(nn.Linear(6, 6))
+    cfg = LoLDUConfig(rank=2, target_modules=["0"])
+    add_loldu(net, cfg, "a")
+    add_loldu(other, cfg, "a")
+    assert len(loldu_parameters(net)) == 2
+    net[1] = other[0]
+    assert [n for n, _ in loldu_layers(net)] == ["0", "1"] and len(loldu_parameters(net)) == 4
+    save_loldu(tmp_path / "a.safetensors", net, "a")
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    fresh.load_state_dict({k: v for k, v in net.state_dict().items() if "loldu" not in k})
+    load_loldu(tmp_path / "a.safetensors", fresh)
+    assert [n for n, _ in loldu_layers(fresh)] == ["0", "1"]
+
+
+def test_parameters_follow_the_config_not_requires_grad():
+    """Freezing the whole model (a common first step) does not hide z and sigma from the optimizer."""
+    from loldu_sd import loldu_parameters
+
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["0"]), "a")
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["1"], train_sigma=False), "b")
+    net.requires_grad_(False)
+    assert [p.numel() for p in loldu_parameters(net)] == [2, 1, 2]
+
+
+def test_one_runtime_scale_per_model_released_with_its_last_layer():
+    """Every layer of a model reads one scale object; hooks kept on it go when the last adapter does."""
+    from loldu_sd import loldu_layers
+    from loldu_sd.model import runtime_scale
+
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["0"]), "a")
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["1"]), "b")
+    scale = runtime_scale(net)
+    assert all(layer.loldu_runtime_scale is scale for _, layer in loldu_layers(net))
+    scale.hooks.append(net.register_forward_pre_hook(lambda *_: None))
+    remove_loldu(net, "a")
+    assert len(net._forward_pre_hooks) == 1
+    remove_loldu(net, "b")
+    assert len(net._forward_pre_hooks) == 0 and runtime_scale(net) is None and not scale.hooks
+
+
+def test_layer_list_follows_every_structural_change():
     from loldu_sd import loldu_layers
     from loldu_sd.layer import LoLDULinear
 

@@ -204,7 +204,8 @@ def tiny_sd(tmp_path_factory):
     """A saved tiny pipeline (seed 0) and adapter files trained on it (made by randomising z)."""
     from diffusers import DiffusionPipeline
 
-    from loldu_sd import add_loldu_to_unet, loldu_parameters
+    from loldu_sd import loldu_parameters
+    from loldu_sd.diffusers import add_loldu_to_unet
     from loldu_sd.testing import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
@@ -267,7 +268,7 @@ def test_cache_follows_the_library_on_disk(studio, tiny_sd):
 
 
 def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
-    from loldu_sd import add_loldu_to_unet
+    from loldu_sd.diffusers import add_loldu_to_unet
     from loldu_sd.testing import tiny_pipeline
 
     info = studio.import_adapter(tiny_sd[1]["a"], "imported a")
@@ -330,20 +331,21 @@ def request(name, steps=2, **kw):
 def test_training_job_saves_into_the_library(studio):
     from loldu_sd.studio import StudioBusyError
 
-    studio.preview_images = 0
-    job = studio.start_training(request("robot", class_prompt="a photo of a robot", num_class_images=1), owner="s1")
-    assert studio.training_busy()
+    studio.trainer.preview_images = 0
+    job = studio.trainer.start(request("robot", class_prompt="a photo of a robot", num_class_images=1), owner="s1")
+    assert studio.trainer.busy()
     with pytest.raises(StudioBusyError, match="another training job is running"):
-        studio.start_training(request("other"))
-    assert studio.cancel_training(owner="s2") is None  # only the owner may cancel
-    studio.note_waiting("s3")  # s3 waits in the queue (app.train_check records it), then cancels
-    assert studio.cancel_training(owner="s3") == "queued" and not job.finished
-    assert studio.take_waiting("s3") and not studio.take_waiting("s3")  # its job, reaching the front, does not run
-    studio.note_waiting("s4")
-    assert not studio.take_waiting("s4")  # not cancelled: it runs
+        studio.trainer.start(request("other"))
+    assert studio.trainer.cancel(owner="s2") is None  # only the owner may cancel
+    studio.trainer.note_waiting("s3")  # s3 waits in the queue (app.train_check records it), then cancels
+    assert studio.trainer.cancel(owner="s3") == "queued" and not job.finished
+    # its job, reaching the front, does not run
+    assert studio.trainer.take_waiting("s3") and not studio.trainer.take_waiting("s3")
+    studio.trainer.note_waiting("s4")
+    assert not studio.trainer.take_waiting("s4")  # not cancelled: it runs
     snap = wait(job)
     assert snap.state == "done" and snap.step == 2 and [s for s, _ in snap.losses] == [1, 2], snap.message
-    assert not studio.training_busy() and snap.adapter.name == "robot"
+    assert not studio.trainer.busy() and snap.adapter.name == "robot"
     info = studio.library.info("robot")
     assert info.rank == 4 and info.sample is not None and info.instance_prompt == "a photo of sks robot"
     assert len(list((studio.library.root / ".class_images").glob("*/*.png"))) == 1  # cached for the next run
@@ -352,16 +354,16 @@ def test_training_job_saves_into_the_library(studio):
 
 
 def test_cancel_keeps_the_last_checkpoint(studio):
-    studio.preview_images = 0
-    job = studio.start_training(request("cancelled", steps=500, validation_every=1000), owner="me")
+    studio.trainer.preview_images = 0
+    job = studio.trainer.start(request("cancelled", steps=500, validation_every=1000), owner="me")
     for snap in job.snapshots(interval=0.05):
         if snap.step >= 1:
-            assert studio.cancel_training(owner="me") == "running"
+            assert studio.trainer.cancel(owner="me") == "running"
             break
     snap = wait(job)
     assert snap.state == "cancelled" and 1 <= snap.step < 500 and "kept the last checkpoint" in snap.message
     info = studio.library.info("cancelled")
-    assert info.note.startswith("cancelled at step") and not studio.training_busy()
+    assert info.note.startswith("cancelled at step") and not studio.trainer.busy()
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(studio, monkeypatch):
@@ -376,16 +378,16 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(studio
         return parts if len(calls) <= 2 else [p * float("nan") for p in parts]
 
     monkeypatch.setattr(loop, "diffusion_loss", poisoned)  # patched where the training loop looks it up
-    studio.preview_images = 0
-    snap = wait(studio.start_training(request("diverged", steps=5, validation_every=2)))
+    studio.trainer.preview_images = 0
+    snap = wait(studio.trainer.start(request("diverged", steps=5, validation_every=2)))
     assert snap.state == "failed" and "the loss is nan" in snap.message and "lower the learning rate" in snap.message
     assert "kept the last good checkpoint" in snap.message and studio.library.exists("diverged")
     assert "Traceback" not in snap.message and str(studio.library.root) not in snap.message
     calls.clear()
     monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
-    snap = wait(studio.start_training(request("nan-at-once", steps=3)))
+    snap = wait(studio.trainer.start(request("nan-at-once", steps=3)))
     assert snap.state == "failed" and snap.message.endswith("nothing was saved")
-    assert not studio.library.exists("nan-at-once") and not studio.training_busy()
+    assert not studio.library.exists("nan-at-once") and not studio.trainer.busy()
 
 
 def test_unexpected_trainer_error_is_one_line(studio, monkeypatch):
@@ -395,6 +397,6 @@ def test_unexpected_trainer_error_is_one_line(studio, monkeypatch):
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
 
     monkeypatch.setattr(jobs, "run_trainer", boom)
-    snap = wait(studio.start_training(request("x")))
+    snap = wait(studio.trainer.start(request("x")))
     assert snap.state == "failed" and snap.message == "training failed: RuntimeError: CUDA out of memory."
-    assert not studio.training_busy() and not studio.library.exists("x")
+    assert not studio.trainer.busy() and not studio.library.exists("x")

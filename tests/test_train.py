@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 pytest.importorskip("diffusers")
-import loldu_sd  # noqa: E402
+import loldu_sd.diffusers  # noqa: E402,F401  (pipe.load_loldu_weights)
 from loldu_sd import training  # noqa: E402
 from loldu_sd.testing import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 from loldu_sd.training import TrainingCallbacks, TrainingError, parse_args, train_dreambooth  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import loldu_sd
+import loldu_sd.diffusers
 
 from .methods import TARGETS, Method
 from .timing import clock, paired, rounds, summary

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import loldu_sd
+import loldu_sd.diffusers
 from loldu_sd import LoLDUConfig
-from loldu_sd.diffusers import remove_scale_hook
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 SD_METHODS = ["ours:1", "ours:8", "ours:32", "lora:4", "lora:32", "naive:32"]
@@ -37,7 +36,8 @@ class Method:
 
     def inject(self, unet: nn.Module) -> None:
         if self.kind == "ours":
-            loldu_sd.add_loldu_to_unet(unet, LoLDUConfig(rank=self.rank, alpha=self.rank, target_modules=TARGETS), "a")
+            cfg = LoLDUConfig(rank=self.rank, alpha=self.rank, target_modules=TARGETS)
+            loldu_sd.diffusers.add_loldu_to_unet(unet, cfg, "a")
         elif self.kind == "lora":
             from peft import LoraConfig
 
@@ -99,8 +99,7 @@ class Method:
     def remove(self, unet: nn.Module, base_weights: dict[str, torch.Tensor] | None = None) -> None:
         """Take the adapter out; naive LoLDU overwrote W0, so it is restored from `base_weights` when given."""
         if self.kind == "ours":
-            loldu_sd.remove_loldu(unet)
-            remove_scale_hook(unet)  # so that 'base' is the bare UNet again
+            loldu_sd.remove_loldu(unet)  # takes the runtime-scale hooks along: 'base' is the bare UNet again
         elif self.kind == "lora":
             unet.unload_lora()
         else:

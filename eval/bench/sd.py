@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import loldu_sd
+import loldu_sd.diffusers
 
 from .files import bench_files, bench_pipeline
 from .methods import FUSED_IN_ROUNDS, SD_METHODS, TARGETS, Method, count
@@ -79,7 +79,7 @@ def sd_rounds(unet: nn.Module, inputs, methods: list[Method], args) -> dict[str,
         if f"{m.spec}/infer_fused" in times:
             r["infer_fused_ratio"] = paired(times[f"{m.spec}/infer_fused"], base)
         res[m.spec] = r
-    m = Method("ours", 32)  # per-call cost of the cross_attention_kwargs scale hooks (they walk the module tree)
+    m = Method("ours", 32)  # per-call cost of loldu_scale (it walks the module tree for the scale objects)
     m.inject(unet)
 
     def hook():

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ..images import to_rgb
 
 if TYPE_CHECKING:  # type hints only: library.py imports this module
     from .library import AdapterLibrary
@@ -104,7 +106,7 @@ def load_images(paths: Sequence[str | Path], minimum: int = MIN_IMAGES, maximum:
                 with Image.open(p, formats=IMAGE_FORMATS) as im:
                     im.verify()  # structure and checksums; the image must be reopened afterwards
                 with Image.open(p, formats=IMAGE_FORMATS) as im:
-                    images.append(ImageOps.exif_transpose(im).convert("RGB"))
+                    images.append(to_rgb(im))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             reason = "unsupported or not an image" if isinstance(e, Image.UnidentifiedImageError) else str(e)
             raise StudioError(f"{_display(p)}: not a readable image ({reason}); upload PNG, JPEG or WebP files"

@@ -1,4 +1,4 @@
-"""Training jobs: Studio's training half, the in-process trainer call, and the job state the UI polls."""
+"""Training jobs: the studio's Trainer, the in-process trainer call, and the job state the UI polls."""
 from __future__ import annotations
 
 import hashlib
@@ -8,41 +8,44 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from ..training.errors import first_line
 from .inputs import NAME_MAX, StudioBusyError, StudioError, TrainRequest
 from .library import WEIGHT_NAME, AdapterInfo, AdapterLibrary
 
 log = logging.getLogger(__name__)
 
 
-class TrainingMixin:
-    """Studio's training half: at most one background job, whose adapter is saved into the library.
+class Trainer:
+    """The studio's trainer: at most one background job, whose adapter is saved into the library.
 
-    Studio.__init__ sets these attributes; Studio also provides `resolution` and `_make_sample`.
+    `resolution()` and `device()` are the generation pipeline's (loading it if needed); `make_sample(name, prompt)`
+    draws a library thumbnail.
     """
 
-    library: AdapterLibrary
-    base_model: str
-    device: str | None
-    preview_images: int
-    job: TrainingJob | None
-    _train_lock: threading.Lock
-    _waiting: dict[str, bool]  # session -> cancel requested, for sessions queued behind a running job
+    def __init__(self, library: AdapterLibrary, base_model: str, preview_images: int, resolution: Callable[[], int],
+                 device: Callable[[], str | None], make_sample: Callable[[str, str], None]):
+        self.library, self.base_model = library, base_model
+        self.preview_images = preview_images  # validation images per preview while training (0: none)
+        self.resolution, self.device, self.make_sample = resolution, device, make_sample
+        self.job: TrainingJob | None = None
+        self._lock = threading.Lock()
+        self._waiting: dict[str, bool] = {}  # session -> cancel requested, for sessions queued behind a running job
 
-    def training_busy(self) -> bool:
+    def busy(self) -> bool:
         """Whether a training job is running right now."""
-        return self._train_lock.locked()
+        return self._lock.locked()
 
-    def start_training(self, request: TrainRequest, owner: str = "") -> TrainingJob:
+    def start(self, request: TrainRequest, owner: str = "") -> TrainingJob:
         """Validate, then run the trainer in a background thread; StudioBusyError while another job runs."""
         images = request.validate(self.library)
-        if not self._train_lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=False):
             raise StudioBusyError("another training job is running; wait for it to finish (you are not queued)")
         try:
             job = TrainingJob(request, owner, images)
@@ -50,11 +53,11 @@ class TrainingMixin:
             thread = threading.Thread(target=self._run_job, args=(job,), name=f"loldu-train-{job.id}", daemon=True)
             thread.start()
         except BaseException:
-            self._train_lock.release()
+            self._lock.release()
             raise
         return job
 
-    def cancel_training(self, owner: str | None = None) -> str | None:
+    def cancel(self, owner: str | None = None) -> str | None:
         """Cancel `owner`'s job: 'running' (stops after its current step; only its owner may, unless owner is None),
         'queued' (a job waiting in the queue will not start), or None when there is nothing of theirs to cancel."""
         job = self.job
@@ -84,9 +87,10 @@ class TrainingMixin:
                 im.save(instance_dir / f"{i:02d}.png")
             prior = " and generating class images for prior preservation" if job.request.class_prompt else ""
             job.update(state="running", message=f"loading the base model for training{prior}")
-            key = hashlib.sha1(f"{self.base_model}|{job.request.class_prompt}|{self.resolution}".encode()).hexdigest()
+            resolution = self.resolution()
+            key = hashlib.sha1(f"{self.base_model}|{job.request.class_prompt}|{resolution}".encode()).hexdigest()
             class_dir = self.library.root / ".class_images" / key[:16]  # reused by later runs with this prompt
-            result = run_trainer(self.base_model, workdir, job, self.resolution, self.device, class_dir,
+            result = run_trainer(self.base_model, workdir, job, resolution, self.device(), class_dir,
                                  self.preview_images)
             end = self._save_result(job, result.adapter_path, cancelled=result.cancelled)
         except NothingToSave:
@@ -100,11 +104,10 @@ class TrainingMixin:
             end = {"state": "failed", "message": str(e)}
         except Exception as e:  # the UI gets one line; the traceback goes to the server log
             log.exception("training job %s failed", job.id)
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            end = {"state": "failed", "message": f"training failed: {type(e).__name__}: {first}"}
+            end = {"state": "failed", "message": f"training failed: {type(e).__name__}: {first_line(e)}"}
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-            self._train_lock.release()
+            self._lock.release()
             job.update(**(end or {"state": "failed", "message": "training ended unexpectedly"}))
 
     def _save_result(self, job: TrainingJob, weights: Path | None, cancelled: bool = False,
@@ -122,7 +125,7 @@ class TrainingMixin:
             "class_prompt": job.request.class_prompt, "steps": job.step, "rank": job.request.rank,
             "learning_rate": job.request.learning_rate, "seed": job.request.seed, "note": note})
         if info.sample is None:
-            self._make_sample(info.name, job.request.instance_prompt)
+            self.make_sample(info.name, job.request.instance_prompt)
             info = self.library.info(info.name)
         saved = f"saved {info.name!r} ({info.size_kb:.1f} KB) to the library"
         if failed:

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 # no diffusers import: that happens on first use
-from ..diffusers import LOLDU_WEIGHT_NAME
+from ..io import LOLDU_WEIGHT_NAME
 from ..io import LoLDUFormatError, read_adapter_file
 from .inputs import StudioError, sanitize_name
 

@@ -12,11 +12,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
 from ..io import LoLDUFormatError, read_adapter_file
+from ..training.errors import first_line
 from .inputs import (
     MAX_ADAPTER_BYTES,
     GenerateRequest,
@@ -24,7 +24,7 @@ from .inputs import (
     _display,
     sanitize_name,
 )
-from .jobs import TrainingJob, TrainingMixin
+from .jobs import Trainer
 from .library import WEIGHT_NAME, AdapterInfo, AdapterLibrary
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,8 @@ class Generation:
     seconds: float
 
 
-def _pipeline_components(pipe) -> dict[str, Any]:
-    from torch import nn
-
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return {n: getattr(pipe, n) for n in names if isinstance(getattr(pipe, n, None), nn.Module)}
-
-
-class Studio(TrainingMixin):
-    """Library + one shared generation pipeline + at most one training job; safe to call from many threads."""
+class Studio:
+    """Library + one shared generation pipeline + a Trainer (one job at a time); safe to call from many threads."""
 
     def __init__(self, pretrained_model_name_or_path: str, library_dir: str | Path, device: str | None = None,
                  sample_steps: int = 20, preview_images: int = 2, scratch_dir: str | Path | None = None):
@@ -55,14 +48,12 @@ class Studio(TrainingMixin):
         self.library = AdapterLibrary(library_dir)
         self.device = device
         self.sample_steps = sample_steps  # denoising steps of sample images the studio makes itself
-        self.preview_images = preview_images  # validation images per preview while training (0: none)
         self._lock = threading.RLock()  # the pipeline: loading, adapter switching, denoising
         self._pipe = None
         self._loaded: dict[str, tuple[tuple[int, int], str]] = {}  # library name -> ((mtime_ns, size), name in pipe)
         self._ids = itertools.count()
-        self._train_lock = threading.Lock()
-        self._waiting: dict[str, bool] = {}
-        self.job: TrainingJob | None = None
+        self.trainer = Trainer(self.library, self.base_model, preview_images, resolution=lambda: self.resolution,
+                               device=lambda: self.device, make_sample=self._make_sample)
         if scratch_dir is None:  # downloads/exports go to the temp dir, which Gradio may serve
             scratch_dir = tempfile.mkdtemp(prefix="loldu-studio-")
             atexit.register(shutil.rmtree, scratch_dir, True)
@@ -76,15 +67,15 @@ class Studio(TrainingMixin):
                 import torch
                 from diffusers import DiffusionPipeline
 
-                import loldu_sd  # noqa: F401  (adds the pipeline methods)
+                import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
+                from loldu_sd.training.models import diffusers_dtype
 
                 self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
                 dtype = torch.float16 if self.device == "cuda" else torch.float32
                 try:
-                    pipe = DiffusionPipeline.from_pretrained(self.base_model, torch_dtype=dtype)
+                    pipe = DiffusionPipeline.from_pretrained(self.base_model, **diffusers_dtype(dtype))
                 except (OSError, ValueError) as e:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    raise StudioError(f"could not load the base model {self.base_model!r}: {first}") from None
+                    raise StudioError(f"could not load the base model {self.base_model!r}: {first_line(e)}") from None
                 pipe.set_progress_bar_config(disable=True)
                 self._pipe = pipe.to(self.device)
             return self._pipe
@@ -223,14 +214,14 @@ class Studio(TrainingMixin):
         """Export an adapter as the exact equivalent standard LoRA file (diffusers/peft or kohya keys)."""
         from safetensors.torch import save_file
 
-        from ..diffusers import export_lora_state_dict
+        from ..diffusers import export_lora_state_dict, pipeline_components
 
         if format not in ("diffusers", "kohya"):
             raise StudioError(f"LoRA format must be 'diffusers' or 'kohya', got {format!r}")
         info = self.library.info(name)
         with self._lock:
             internal = self._load(info.name)
-            tensors = export_lora_state_dict(_pipeline_components(self.pipeline()), internal, format)
+            tensors = export_lora_state_dict(pipeline_components(self.pipeline()), internal, format)
         dest = self.scratch / "exports" / uuid.uuid4().hex / f"{info.name}.lora.safetensors"
         dest.parent.mkdir(parents=True)
         save_file(tensors, str(dest), metadata={"format": "pt", "exported_from": "loldu", "loldu_adapter": info.name,

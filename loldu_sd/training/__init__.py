@@ -21,7 +21,8 @@ uninterrupted process would: sample n is the n-th sample of the run, whichever p
 from .args import (DEFAULT_MAX_TRAIN_STEPS, LR_SCHEDULERS, build_parser, check_args, loldu_config, parse_args,
                    preflight, resolve_max_train_steps)
 from .checkpoints import STATE_NAME, adapter_digest, list_checkpoints, resolve_checkpoint, save_checkpoint
-from .data import DreamBoothDataset, SampleStream, load_images, sample_seed, to_rgb
+from ..images import to_rgb
+from .data import DreamBoothDataset, SampleStream, load_images, sample_seed
 from .errors import TrainingError, TrainingInputError
 from .loop import TrainingCallbacks, TrainingResult, train_dreambooth
 from .loss import diffusion_loss, encode_prompt, evaluate_denoising_loss

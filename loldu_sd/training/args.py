@@ -199,7 +199,7 @@ def preflight(args: argparse.Namespace) -> None:
 
 def check_resumable(checkpoint: Path, args: argparse.Namespace) -> None:
     """The checkpoint's adapter must have been trained with the same LoLDU flags as this run."""
-    from ..diffusers import LOLDU_WEIGHT_NAME
+    from ..io import LOLDU_WEIGHT_NAME
 
     try:
         _, meta = read_adapter_file(checkpoint / LOLDU_WEIGHT_NAME)

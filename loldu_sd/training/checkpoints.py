@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import LoLDUConfig
-from ..io import loldu_state_dict, read_adapter_file
+from ..io import layer_values, loldu_state_dict, read_adapter_file
 from ..model import loldu_layers
 from .errors import TrainingInputError
 
@@ -97,13 +97,10 @@ def load_adapter_values_(path: str | Path, components: dict[str, torch.nn.Module
                                  "--target_modules, --train_text_encoder ...); resume with the same flags")
     with torch.no_grad():
         for comp, module in components.items():
-            z, sigma = tensors[f"{comp}.loldu.z"], tensors[f"{comp}.loldu.sigma"]
-            offset = 0
-            for i, (_, layer) in enumerate(loldu_layers(module)):
-                adapter = layer.loldu_adapters[adapter_name]
-                adapter.z.copy_(z[offset: offset + adapter.rank])
-                adapter.sigma.copy_(sigma[i])
-                offset += adapter.rank
+            values = layer_values(tensors, comp, [rank for _, rank in layers[comp]])
+            for (_, layer), (z, sigma) in zip(loldu_layers(module), values):
+                layer.loldu_adapters[adapter_name].z.copy_(z)
+                layer.loldu_adapters[adapter_name].sigma.copy_(sigma)
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:

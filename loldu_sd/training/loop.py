@@ -17,7 +17,8 @@ from ..model import loldu_parameters, project_loldu_
 from .args import check_args, loldu_config, preflight, resolve_max_train_steps
 from .checkpoints import (STATE_NAME, clean_interrupted_saves, load_adapter_values_, rank_digests, resolve_checkpoint,
                           save_checkpoint)
-from .data import CLASS_NOISE, NOISE, DreamBoothDataset, SampleStream, class_images_for, load_images
+from .class_images import class_images_for
+from .data import CLASS_NOISE, NOISE, DreamBoothDataset, SampleStream, load_images
 from .errors import TrainingError, TrainingInputError
 from .loss import diffusion_loss, encode_prompt
 from .models import generate_samples, make_accelerator, models_with_adapters, pipeline_from_args
@@ -80,192 +81,242 @@ def train_dreambooth(args: argparse.Namespace, callbacks: TrainingCallbacks | No
 
 def _train(args, accelerator, callbacks: TrainingCallbacks, instance: list[Image.Image], notes: list[str],
            started: float) -> TrainingResult:
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    from ..diffusers import LOLDU_WEIGHT_NAME, save_pipeline_adapter
-
-    out, main = Path(args.output_dir), accelerator.is_main_process
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
-        raise TrainingInputError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
-    repo_id = create_hub_repo(args, accelerator) if args.push_to_hub else None
-    if main:
-        clean_interrupted_saves(out)
-    accelerator.wait_for_everyone()
-    resume = resolve_checkpoint(out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    if args.resume_from_checkpoint == "latest" and resume is None and main:
-        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", out)
-    class_images = class_images_for(args, accelerator, notes) if args.with_prior_preservation else []
-    if main:
-        for w in notes:
-            logger.warning(w)
-    set_seed(args.seed)  # only init="uniform"/"normal*" draw from the global RNG; data and noise have their own
-
-    m, components, weight_dtype = models_with_adapters(args, accelerator)
-    config = loldu_config(args)
-    params = [p for module in components.values() for p in loldu_parameters(module)]
-
-    # ---- data, optimizer, schedule
-    world, accum, bs = accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
-    dataset = DreamBoothDataset(instance, args.resolution, args.seed, args.center_crop, args.random_flip,
-                                class_images or None)
-    max_steps = resolve_max_train_steps(args, len(dataset), world)
-    lr = args.learning_rate * (bs * accum * world if args.scale_lr else 1)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    # not accelerator.prepare'd: accelerate would step it once per process; here it counts optimizer steps
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
-    names = list(components)
-    with warnings.catch_warnings():  # torch >= 2.10 renames broadcast_buffers; the meaning we want is the same
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
-        *prepared, optimizer = accelerator.prepare(*components.values(), optimizer)
-    trained = dict(zip(names, prepared))
-    for module in prepared:
-        module.train()  # from_pretrained returns eval-mode models; checkpointing (CLIP) only acts in train mode
-
-    def save_hook(models, weights, folder):
-        if accelerator.is_main_process:  # the adapter file instead of the full frozen UNet
-            save_pipeline_adapter(folder, components, base_model=args.pretrained_model_name_or_path)
-        weights.clear()
-
-    def load_hook(models, folder):
-        models.clear()  # nothing for accelerate to load: the adapter is all the model state there is
-        load_adapter_values_(Path(folder) / LOLDU_WEIGHT_NAME, components, config)
-
-    hooks = [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
-    accelerator.register_for_checkpointing(lr_scheduler)
-
-    global_step, losses, last_checkpoint = 0, [], None
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / STATE_NAME).read_text())
-        global_step, losses, last_checkpoint = state["global_step"], [tuple(x) for x in state["losses"]], resume
-        if main:
-            logger.info("resumed from %s at step %d", resume, global_step)
-
-    if not args.train_text_encoder:  # frozen text encoder: encode the two prompts once
-        with torch.no_grad():
-            instance_embeds = encode_prompt(m.text_encoder, m.tokenizer, [args.instance_prompt])
-            class_embeds = encode_prompt(m.text_encoder, m.tokenizer, [args.class_prompt]) if class_images else None
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=bs, sampler=SampleStream(global_step * accum, world, accelerator.process_index, bs),
-        num_workers=args.dataloader_num_workers)
-    accelerator.init_trackers("dreambooth-loldu", config=tracker_config(args))
-    if main:
-        logger.info("training %d LoLDU values (%s) for %d steps, %d per batch on %d process(es), lr %.2g",
-                    sum(p.numel() for p in params), ", ".join(names), max_steps, bs * world * accum, world, lr)
-
-    def batch_loss(batch) -> torch.Tensor:
-        idx = batch["index"].tolist()
-        pixels, streams = batch["instance"], [(NOISE, idx)]
-        prompts = [args.instance_prompt] * len(idx)
-        if class_images:  # one forward pass for instance and class samples, as diffusers does
-            pixels, streams = torch.cat([pixels, batch["class"]]), streams + [(CLASS_NOISE, idx)]
-            prompts += [args.class_prompt] * len(idx)
-        if args.train_text_encoder:
-            embeds = encode_prompt(trained["text_encoder"], m.tokenizer, prompts, accelerator.device)
-        else:
-            embeds = torch.cat([instance_embeds.expand(len(idx), -1, -1)]
-                               + ([class_embeds.expand(len(idx), -1, -1)] if class_images else []))
-        parts = diffusion_loss(trained["unet"], m.vae, m.scheduler, pixels.to(accelerator.device), embeds,
-                               args.seed, streams)
-        return parts[0] + args.prior_loss_weight * parts[1] if class_images else parts[0]
-
-    def stop_requested() -> bool:
-        if main and callbacks.should_stop is not None and callbacks.should_stop():
-            accelerator.set_trigger()
-        return accelerator.check_trigger()
-
-    def checkpoint() -> Path:
-        state = {"global_step": global_step, "losses": losses, "max_train_steps": max_steps}
-        return save_checkpoint(accelerator, out, global_step, state, args.checkpoints_total_limit)
-
-    progress = tqdm(total=max_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
-    data, cancelled, images = iter(loader), False, []
+    run = _Run(args, accelerator, callbacks, notes)
+    run.setup(instance)
+    run.prepare()
     try:
-        while global_step < max_steps:
-            if stop_requested():
-                cancelled = True
-                break
-            micro = []
-            for _ in range(accum):
-                batch = next(data)
-                with accelerator.accumulate(*prepared):
-                    loss = batch_loss(batch)
-                    every = accelerator.gather(loss.detach().float().reshape(1))  # the same verdict on every process
-                    if not torch.isfinite(every).all():
-                        where = last_checkpoint or "none (no checkpoint saved yet)"
-                        raise TrainingError(
-                            f"step {global_step + 1}: the loss is {float(every[~torch.isfinite(every)][0])}; "
-                            f"training stopped before updating the adapter. Last good checkpoint: {where}. "
-                            "Lower --learning_rate, or use --mixed_precision bf16/no")
-                    micro.append(float(every.mean()))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not accelerator.optimizer_step_was_skipped:  # fp16: skipped when the grad scaler saw inf
-                lr_scheduler.step()
-            for module in components.values():
-                project_loldu_(module)  # projected gradient descent (eqs. 10-12), after every optimizer step
-            global_step += 1
-            loss_value, lr_now = sum(micro) / len(micro), lr_scheduler.get_last_lr()[0]
-            losses.append((global_step, loss_value))
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}")
-            accelerator.log({"loss": loss_value, "lr": lr_now}, step=global_step)
-            if main and callbacks.on_step is not None:
-                callbacks.on_step(global_step, loss_value)
-            if global_step % args.checkpointing_steps == 0:
-                last_checkpoint = checkpoint()
-            if (args.num_validation_images and global_step % args.validation_steps == 0
-                    and global_step < max_steps and main):
-                pipe = pipeline_from_args(args, unet=accelerator.unwrap_model(trained["unet"]), vae=m.vae,
-                                 text_encoder=accelerator.unwrap_model(trained.get("text_encoder", m.text_encoder)),
-                                 tokenizer=m.tokenizer)
-                images = generate_samples(pipe, args)
-                del pipe
-                log_images(accelerator, "validation", images, global_step)
-                if callbacks.on_validation is not None:
-                    callbacks.on_validation(global_step, images)
+        run.loop()
     finally:
-        progress.close()
-    if cancelled and global_step > 0 and getattr(last_checkpoint, "name", "") != f"checkpoint-{global_step}":
-        last_checkpoint = checkpoint()  # cancelled: keep a resumable checkpoint of exactly this step
+        run.progress.close()
+    return run.finish(started)
 
-    # ---- every process must hold the same adapter; the main process writes it
-    accelerator.wait_for_everyone()
-    digests = rank_digests(accelerator, components)
-    if len(set(digests)) > 1:
-        raise TrainingError(f"processes ended with different adapters (digests {digests}); please report this")
-    if main:
-        logger.info("adapter digest per process: %s", " ".join(digests))
-    result = TrainingResult(out, None, global_step, max_steps, losses, last_checkpoint, cancelled, [], notes)
-    if global_step == 0:
-        return result  # cancelled before the first step: nothing to save
-    n_values = sum(p.numel() for p in params)
-    adapter_path = out / LOLDU_WEIGHT_NAME
-    if main:
-        save_pipeline_adapter(out, components, base_model=args.pretrained_model_name_or_path, metadata={
-            "instance_prompt": args.instance_prompt, "training_steps": str(global_step),
-            "trainer": "loldu_sd.training.train_dreambooth"})
-    result.adapter_path = adapter_path
-    for hook in hooks:  # they hold the training models: let those go before the fresh pipeline loads
-        hook.remove()
-    optimizer = prepared = trained = components = m = None  # the closures above hold names, not the objects
-    accelerator.free_memory()
 
-    if main:
-        final_outputs(args, accelerator, result, weight_dtype, n_values, repo_id, callbacks)
-    accelerator.wait_for_everyone()
-    result.seconds = time.time() - started
-    return result
+class _Run:
+    """One training run: setup (models, data, optimizer), prepare (accelerate, resume), loop of steps, finish."""
+
+    def __init__(self, args, accelerator, callbacks: TrainingCallbacks, notes: list[str]):
+        self.args, self.accelerator, self.callbacks, self.notes = args, accelerator, callbacks, notes
+        self.out, self.main = Path(args.output_dir), accelerator.is_main_process
+        self.global_step, self.losses, self.last_checkpoint, self.cancelled = 0, [], None, False
+
+    def setup(self, instance: list[Image.Image]) -> None:
+        """Check the device, resolve the checkpoint, load models with adapters, build data, optimizer, schedule."""
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        args, accelerator = self.args, self.accelerator
+        if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+            raise TrainingInputError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
+        self.repo_id = create_hub_repo(args, accelerator) if args.push_to_hub else None
+        if self.main:
+            clean_interrupted_saves(self.out)
+        accelerator.wait_for_everyone()
+        self.resume = resolve_checkpoint(self.out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if args.resume_from_checkpoint == "latest" and self.resume is None and self.main:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run", self.out)
+        self.class_images = class_images_for(args, accelerator, self.notes) if args.with_prior_preservation else []
+        if self.main:
+            for w in self.notes:
+                logger.warning(w)
+        set_seed(args.seed)  # only init="uniform"/"normal*" draw from the global RNG; data and noise have their own
+        self.m, self.components, self.weight_dtype = models_with_adapters(args, accelerator)
+        self.config = loldu_config(args)
+        self.params = loldu_parameters(self.components)
+        self.dataset = DreamBoothDataset(instance, args.resolution, args.seed, args.center_crop, args.random_flip,
+                                         self.class_images or None)
+        world, accum, bs = accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
+        self.max_steps = resolve_max_train_steps(args, len(self.dataset), world)
+        self.lr = args.learning_rate * (bs * accum * world if args.scale_lr else 1)
+        if args.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer_class = bnb.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        self.optimizer = optimizer_class(self.params, lr=self.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        # not accelerator.prepare'd: accelerate would step it once per process; here it counts optimizer steps
+        self.lr_scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                          num_training_steps=self.max_steps, num_cycles=args.lr_num_cycles,
+                                          power=args.lr_power)
+
+    def prepare(self) -> None:
+        """Hand the models to accelerate (adapter-only checkpoints), resume, encode frozen prompts, build the loader."""
+        from tqdm.auto import tqdm
+
+        from ..diffusers import save_pipeline_adapter
+        from ..io import LOLDU_WEIGHT_NAME
+
+        args, accelerator, components = self.args, self.accelerator, self.components
+        with warnings.catch_warnings():  # torch >= 2.10 renames broadcast_buffers; the meaning we want is the same
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
+            *self.prepared, self.optimizer = accelerator.prepare(*components.values(), self.optimizer)
+        self.trained = dict(zip(components, self.prepared))
+        for module in self.prepared:
+            module.train()  # from_pretrained returns eval-mode models; checkpointing (CLIP) only acts in train mode
+
+        def save_hook(models, weights, folder):
+            if accelerator.is_main_process:  # the adapter file instead of the full frozen UNet
+                save_pipeline_adapter(folder, components, base_model=args.pretrained_model_name_or_path)
+            weights.clear()
+
+        def load_hook(models, folder):
+            models.clear()  # nothing for accelerate to load: the adapter is all the model state there is
+            load_adapter_values_(Path(folder) / LOLDU_WEIGHT_NAME, components, self.config)
+
+        self.hooks = [accelerator.register_save_state_pre_hook(save_hook),
+                      accelerator.register_load_state_pre_hook(load_hook)]
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        if self.resume is not None:
+            accelerator.load_state(str(self.resume))
+            state = json.loads((self.resume / STATE_NAME).read_text())
+            self.global_step, self.losses = state["global_step"], [tuple(x) for x in state["losses"]]
+            self.last_checkpoint = self.resume
+            if self.main:
+                logger.info("resumed from %s at step %d", self.resume, self.global_step)
+        self._encode_frozen_prompts()
+        world, accum, bs = accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
+        sampler = SampleStream(self.global_step * accum, world, accelerator.process_index, bs)
+        self.data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=bs, sampler=sampler,
+                                                     num_workers=args.dataloader_num_workers))
+        accelerator.init_trackers("dreambooth-loldu", config=tracker_config(args))
+        if self.main:
+            logger.info("training %d LoLDU values (%s) for %d steps, %d per batch on %d process(es), lr %.2g",
+                        sum(p.numel() for p in self.params), ", ".join(components), self.max_steps,
+                        bs * world * accum, world, self.lr)
+        self.progress = tqdm(total=self.max_steps, initial=self.global_step, desc="Steps",
+                             disable=not accelerator.is_local_main_process)
+
+    def _encode_frozen_prompts(self) -> None:
+        """A frozen text encoder gives the same embeddings every step: encode the two prompts once."""
+        self.instance_embeds = self.class_embeds = None
+        if not self.args.train_text_encoder:
+            m, args = self.m, self.args
+            with torch.no_grad():
+                self.instance_embeds = encode_prompt(m.text_encoder, m.tokenizer, [args.instance_prompt])
+                if self.class_images:
+                    self.class_embeds = encode_prompt(m.text_encoder, m.tokenizer, [args.class_prompt])
+
+    def batch_loss(self, batch) -> torch.Tensor:
+        """Diffusion loss of one micro-batch (instance and class samples in one forward pass, as diffusers does)."""
+        args, n = self.args, len(batch["index"])
+        idx = batch["index"].tolist()
+        pixels, streams, prompts = batch["instance"], [(NOISE, idx)], [args.instance_prompt] * n
+        if self.class_images:
+            pixels, streams = torch.cat([pixels, batch["class"]]), streams + [(CLASS_NOISE, idx)]
+            prompts += [args.class_prompt] * n
+        if args.train_text_encoder:
+            embeds = encode_prompt(self.trained["text_encoder"], self.m.tokenizer, prompts, self.accelerator.device)
+        else:
+            embeds = torch.cat([self.instance_embeds.expand(n, -1, -1)]
+                               + ([self.class_embeds.expand(n, -1, -1)] if self.class_images else []))
+        parts = diffusion_loss(self.trained["unet"], self.m.vae, self.m.scheduler,
+                               pixels.to(self.accelerator.device), embeds, args.seed, streams)
+        return parts[0] + args.prior_loss_weight * parts[1] if self.class_images else parts[0]
+
+    def step(self) -> float:
+        """One optimizer step over gradient_accumulation_steps micro-batches, then the projection; its mean loss."""
+        accelerator, micro = self.accelerator, []
+        for _ in range(self.args.gradient_accumulation_steps):
+            batch = next(self.data)
+            with accelerator.accumulate(*self.prepared):
+                loss = self.batch_loss(batch)
+                every = accelerator.gather(loss.detach().float().reshape(1))  # the same verdict on every process
+                if not torch.isfinite(every).all():
+                    where = self.last_checkpoint or "none (no checkpoint saved yet)"
+                    raise TrainingError(
+                        f"step {self.global_step + 1}: the loss is {float(every[~torch.isfinite(every)][0])}; "
+                        f"training stopped before updating the adapter. Last good checkpoint: {where}. "
+                        "Lower --learning_rate, or use --mixed_precision bf16/no")
+                micro.append(float(every.mean()))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(self.params, self.args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.optimizer_step_was_skipped:  # fp16: skipped when the grad scaler saw inf
+            self.lr_scheduler.step()
+        project_loldu_(self.components)  # projected gradient descent (eqs. 10-12), after every optimizer step
+        self.global_step += 1
+        return sum(micro) / len(micro)
+
+    def loop(self) -> None:
+        """Steps until max_train_steps or a stop request; logging, checkpoints and validation images on the way."""
+        args, accelerator = self.args, self.accelerator
+        while self.global_step < self.max_steps:
+            if self.stop_requested():
+                self.cancelled = True
+                break
+            loss_value = self.step()
+            lr_now = self.lr_scheduler.get_last_lr()[0]
+            self.losses.append((self.global_step, loss_value))
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}")
+            accelerator.log({"loss": loss_value, "lr": lr_now}, step=self.global_step)
+            if self.main and self.callbacks.on_step is not None:
+                self.callbacks.on_step(self.global_step, loss_value)
+            if self.global_step % args.checkpointing_steps == 0:
+                self.last_checkpoint = self.checkpoint()
+            if (args.num_validation_images and self.global_step % args.validation_steps == 0
+                    and self.global_step < self.max_steps and self.main):
+                self.validate()
+        if (self.cancelled and self.global_step > 0
+                and getattr(self.last_checkpoint, "name", "") != f"checkpoint-{self.global_step}"):
+            self.last_checkpoint = self.checkpoint()  # cancelled: keep a resumable checkpoint of exactly this step
+
+    def stop_requested(self) -> bool:
+        """The caller's stop request, seen by every process at the same step."""
+        if self.main and self.callbacks.should_stop is not None and self.callbacks.should_stop():
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+    def checkpoint(self) -> Path:
+        """Save a resumable checkpoint of this step."""
+        state = {"global_step": self.global_step, "losses": self.losses, "max_train_steps": self.max_steps}
+        return save_checkpoint(self.accelerator, self.out, self.global_step, state, self.args.checkpoints_total_limit)
+
+    def validate(self) -> None:
+        """Sample validation images with the adapter being trained."""
+        unwrap, m = self.accelerator.unwrap_model, self.m
+        pipe = pipeline_from_args(self.args, unet=unwrap(self.trained["unet"]), vae=m.vae,
+                                  text_encoder=unwrap(self.trained.get("text_encoder", m.text_encoder)),
+                                  tokenizer=m.tokenizer)
+        images = generate_samples(pipe, self.args)
+        del pipe
+        log_images(self.accelerator, "validation", images, self.global_step)
+        if self.callbacks.on_validation is not None:
+            self.callbacks.on_validation(self.global_step, images)
+
+    def finish(self, started: float) -> TrainingResult:
+        """Check that every process holds the same adapter, write it, then samples, card and upload."""
+        from ..diffusers import save_pipeline_adapter
+        from ..io import LOLDU_WEIGHT_NAME
+
+        accelerator, args = self.accelerator, self.args
+        accelerator.wait_for_everyone()
+        digests = rank_digests(accelerator, self.components)
+        if len(set(digests)) > 1:
+            raise TrainingError(f"processes ended with different adapters (digests {digests}); please report this")
+        if self.main:
+            logger.info("adapter digest per process: %s", " ".join(digests))
+        result = TrainingResult(self.out, None, self.global_step, self.max_steps, self.losses, self.last_checkpoint,
+                                self.cancelled, [], self.notes)
+        if self.global_step == 0:
+            return result  # cancelled before the first step: nothing to save
+        n_values = sum(p.numel() for p in self.params)
+        if self.main:
+            save_pipeline_adapter(self.out, self.components, base_model=args.pretrained_model_name_or_path,
+                                  metadata={"instance_prompt": args.instance_prompt,
+                                            "training_steps": str(self.global_step),
+                                            "trainer": "loldu_sd.training.train_dreambooth"})
+        result.adapter_path = self.out / LOLDU_WEIGHT_NAME
+        for hook in self.hooks:  # they hold the training models: let those go before the fresh pipeline loads
+            hook.remove()
+        self.optimizer = self.prepared = self.trained = self.components = self.m = self.params = None
+        self.data = None
+        accelerator.free_memory()
+        if self.main:
+            final_outputs(args, accelerator, result, self.weight_dtype, n_values, self.repo_id, self.callbacks)
+        accelerator.wait_for_everyone()
+        result.seconds = time.time() - started
+        return result

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import EVAL, crop_center, resize_shorter, seeded_generator, to_rgb, to_tensor
+from ..images import to_rgb
+from .data import EVAL, crop_center, resize_shorter, seeded_generator, to_tensor
 
 
 def denoising_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ def final_outputs(args: argparse.Namespace, accelerator, result: TrainingResult,
         if args.pretrained_vae_model_name_or_path:
             extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **extra)
         pipe = pipeline_from_args(args, **extra).to(accelerator.device)
-        pipe.load_loldu_weights(out)  # as users will load it: the file, not the in-memory adapter
+        from ..diffusers import load_loldu_weights
+
+        load_loldu_weights(pipe, out)  # as users will load it: the file, not the in-memory adapter
         result.images = generate_samples(pipe, args)
         del pipe
         for i, image in enumerate(result.images):
@@ -122,7 +124,7 @@ def write_model_card(output_dir: str | Path, args: argparse.Namespace, steps: in
                      n_images: int, cancelled: bool = False, repo_id: str | None = None,
                      mixed_precision: str | None = None) -> Path:
     """README.md with YAML front matter (base model, instance prompt, tags, sample images) and the settings."""
-    from ..diffusers import LOLDU_WEIGHT_NAME
+    from ..io import LOLDU_WEIGHT_NAME
 
     out = Path(output_dir)
     size_kb = (out / LOLDU_WEIGHT_NAME).stat().st_size / 1024
@@ -163,7 +165,7 @@ A {size_kb:.1f} KB [LoLDU](https://arxiv.org/abs/2410.13618) adapter that teache
 {samples}## Use it
 
 ```python
-import loldu_sd  # adds load_loldu_weights to diffusers pipelines
+import loldu_sd.diffusers  # gives Stable Diffusion pipelines load_loldu_weights & co.
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained({q(args.pretrained_model_name_or_path)})
