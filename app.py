@@ -1,7 +1,7 @@
 """`python app.py`: LoLDU Studio, a Gradio app to train kilobyte adapters from a few images and generate with them.
 
-    python -m loldu_sd.testing --save tiny-sd      # a tiny offline pipeline, for a quick local try
-    python app.py --pretrained_model_name_or_path tiny-sd --library_dir library
+    python app.py                                  # the embedded, pretrained toy world (offline, CPU)
+    python app.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5   # real SD, a GPU
 
 Only the UI lives here; the logic (library, shared pipeline, training jobs, validation) is in loldu_sd/studio/.
 Nothing heavy happens at import: the model loads on first use.
@@ -11,12 +11,14 @@ import base64
 import functools
 import html
 import io
+import json
 import logging
 
 import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from loldu_sd import toyworld
 from loldu_sd.studio import (
     LIMITS,
     AdapterLibrary,
@@ -238,8 +240,16 @@ def build_demo(studio: Studio) -> gr.Blocks:
     return demo
 
 
+def sample_concept():
+    """Files, class noun, instance prompt and name of the toy world's sample concept."""
+    meta = toyworld.CONCEPTS_DIR / f"{toyworld.SAMPLE_CONCEPT}.json"
+    noun = json.loads(meta.read_text())["class_noun"]
+    return toyworld.sample_concept_files(), noun, f"a photo of a sks {noun}", toyworld.SAMPLE_CONCEPT
+
+
 def train_tab(events: Events):
     """The Train tab; returns the training event, so that the library can refresh after it."""
+    toy = toyworld.is_toyworld(events.studio.base_model)
     with gr.Tab("Train", id="train"):
         with gr.Row():
             with gr.Column():
@@ -258,13 +268,18 @@ def train_tab(events: Events):
                                           placeholder="a photo of a robot")
                 name = gr.Textbox(label="Adapter name", placeholder="my-robot", elem_id="adapter-name")
                 with gr.Accordion("Settings", open=False):
-                    steps = gr.Slider(*LIMITS.train_steps, value=100, step=1, label="Steps", elem_id="train-steps")
+                    steps = gr.Slider(*LIMITS.train_steps, value=toyworld.TRAIN_STEPS if toy else 100, step=1,
+                                      label="Steps", elem_id="train-steps")
                     rank = gr.Slider(*LIMITS.rank, value=32, step=1, label="Rank")
-                    lr = gr.Number(value=5e-4, label="Learning rate", minimum=LIMITS.learning_rate[0],
+                    lr = gr.Number(value=toyworld.LEARNING_RATE if toy else 5e-4, label="Learning rate",
+                                   minimum=LIMITS.learning_rate[0],
                                    maximum=LIMITS.learning_rate[1], elem_id="train-lr")
                     seed = gr.Number(value=42, precision=0, label="Seed")
                     every = gr.Slider(*LIMITS.validation_every, value=25, step=1, label="Preview every N steps",
                                       elem_id="train-every")
+                if toy:
+                    sample = gr.Button(f"Use the sample concept (the toy world's '{toyworld.SAMPLE_CONCEPT}')",
+                                       size="sm", elem_id="sample-concept")
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="train-start")
                     stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
@@ -274,6 +289,8 @@ def train_tab(events: Events):
                 loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss",
                                         height=240, elem_id="loss-plot")
                 previews = gr.Gallery(label="Validation previews", columns=4, height=200, elem_id="train-previews")
+    if toy:
+        sample.click(sample_concept, None, [files, noun, instance_prompt, name], api_visibility="private")
     files.change(show_thumbnails, files, thumbs, api_visibility="private")
     suggest.click(suggest_instance_prompt, noun, instance_prompt, api_visibility="private")
     stop.click(events.cancel, None, None, api_name="cancel", concurrency_limit=None)
@@ -298,7 +315,9 @@ def generate_tab(events: Events):
         negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
         with gr.Row():
             steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="gen-steps")
-            guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
+            toy = toyworld.is_toyworld(events.studio.base_model)
+            guidance = gr.Slider(*LIMITS.guidance, value=toyworld.GUIDANCE_SCALE if toy else 7.5, step=0.5,
+                                 label="Guidance")
             seed = gr.Number(value=0, precision=0, label="Seed")
             n_images = gr.Slider(*LIMITS.num_images, value=1, step=1, label="Images")
         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
@@ -344,8 +363,8 @@ def library_tab(events: Events, gen_picks: list):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="Hub id or local diffusers folder of the base model.")
+    p.add_argument("--pretrained_model_name_or_path", default=str(toyworld.PIPELINE_DIR),
+                   help="Hub id or local diffusers folder of the base model (default: the embedded toy world).")
     p.add_argument("--library_dir", default="library", help="Folder of saved adapters (created if missing).")
     p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
     p.add_argument("--port", type=int, default=7860)

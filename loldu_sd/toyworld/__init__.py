@@ -20,6 +20,23 @@ JUDGES_DIR = ASSETS_DIR / "judges"
 CONCEPTS_DIR = ASSETS_DIR / "concepts"
 GUIDANCE_SCALE = 4.0  # what the toy model was tuned for; SD's 7.5 over-saturates its flat colours
 INFERENCE_STEPS = 20
+# LoLDU settings for a concept on this small model (eval.before_after runs picked them; see docs/toyworld.md)
+LEARNING_RATE = 1e-2
+TRAIN_STEPS = 400
+SAMPLE_CONCEPT = "star"
+
+
+def is_toyworld(pretrained_model_name_or_path) -> bool:
+    """True when the path is the embedded toy-world pipeline (its settings differ from Stable Diffusion's)."""
+    try:
+        return Path(pretrained_model_name_or_path).resolve() == PIPELINE_DIR.resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def sample_concept_files(name: str = SAMPLE_CONCEPT) -> list[str]:
+    """The instance photos of a held-out concept, as paths (what the studio's sample-concept button uploads)."""
+    return [str(p) for p in sorted((CONCEPTS_DIR / name).glob("*.png"))]
 
 
 def load_pipeline(path: str | Path = PIPELINE_DIR, dtype=None):
