@@ -138,7 +138,7 @@ def test_text_encoder_with_gradient_checkpointing_is_trained_saved_and_validated
 
 def test_resume_after_2_steps_equals_4_straight_steps(tiny_sd, tmp_path):
     extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip", "--train_batch_size", "2",
-             "--learning_rate", "5e-3", "--lr_warmup_steps", "3")
+             "--learning_rate", "5e-3", "--lr_warmup_steps", "3", "--train_text_encoder")  # text_model.* names too
     steps = []
     first = train(tiny_sd, tmp_path / "a", *extra, callbacks=TrainingCallbacks(
         on_step=lambda s, loss: steps.append(s), should_stop=lambda: len(steps) >= 2))
