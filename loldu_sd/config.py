@@ -24,11 +24,6 @@ class LoLDUConfig:
     sigma_max: float | None = field(default=1.0, metadata={"help": "Projection bound 0 < sigma <= sigma_max (eq. 11)."})
     z_max_norm: float | None = field(default=None, metadata={"help": "Projection radius eps: ||z||_2 <= eps (eq. 12)."})
     factor_dtype: str = field(default="float32", metadata={"help": "Precision of the decomposition: float32|float64."})
-    canonical_dtype: str | None = field(
-        default="float16",
-        metadata={"help": "Round W0 to this dtype before factorising, so fp32 and fp16 copies of one base give the "
-                          "same pivots. None factorises W0 as it is."},
-    )
     pivot_eps: float = field(default=1e-6, metadata={"help": "Pivots below pivot_eps*max|pivot| are clamped."})
 
     def __post_init__(self) -> None:
@@ -45,9 +40,6 @@ class LoLDUConfig:
             raise ValueError(f"LoLDUConfig: init must be one of {INITS}, got {self.init!r}")
         if self.factor_dtype not in ("float32", "float64"):
             raise ValueError(f"LoLDUConfig: factor_dtype must be 'float32' or 'float64', got {self.factor_dtype!r}")
-        if self.canonical_dtype not in (None, "float16", "bfloat16", "float32"):
-            raise ValueError("LoLDUConfig: canonical_dtype must be None, 'float16', 'bfloat16' or 'float32', "
-                             f"got {self.canonical_dtype!r}")
         if self.sigma_max is not None and not (0 < self.sigma0 <= self.sigma_max):
             raise ValueError(
                 f"LoLDUConfig: sigma0 = alpha/rank = {self.sigma0:g} lies outside (0, sigma_max={self.sigma_max:g}]; "

@@ -10,9 +10,15 @@ Result (matches torch.linalg.lu(W0) -> P, L, U to machine precision):
     z0 = diag(U)[:r]                  r       pivots
     A  = (diag(z0)^-1 U)[:r]          r x n   unit upper rows
 so that B diag(z0) A is the rank-r part of the LDU decomposition.
+
+Portability: partial pivoting picks the largest |value| of each column, so two precision copies of one base (fp32,
+fp16, bf16) can pick different rows at a near-tie, and z then multiplies another direction. Passing `pivots` (the
+row order an adapter was made with) forces those elimination steps, so the factors of every copy differ only by the
+copies' rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,65 +37,128 @@ class LDUFactors:
     z0: torch.Tensor  # (r,)
     A: torch.Tensor  # (r, n)
     pivots: torch.Tensor  # (r,) int64: original row index chosen as pivot at each step
-    weight_norm: float  # ||W0||_F of the weight as given (not canonicalised), for the fingerprint
+    weight_norm: float  # ||W0||_F of the weight as given, for the fingerprint
+    roundoff: float = 0.0  # unit roundoff of the weight's dtype: how far another copy of this base may differ
 
 
-def _swaps_to_perm(piv: torch.Tensor, m: int) -> torch.Tensor:
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Largest relative rounding error of `dtype` (half its machine epsilon); 0 for non-float dtypes."""
+    return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+
+
+@contextlib.contextmanager
+def lapack_threads(n: int = 1):
+    """Run the block with `n` torch threads, then restore the count.
+
+    The panel LU and triangular solve are small LAPACK calls: threads gain nothing on them, and on a machine whose
+    cores are busy with other work, oversubscribed OpenMP threads make them several times slower (eval.bench).
+    """
+    old = torch.get_num_threads()
+    if old != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if old != n:
+            torch.set_num_threads(old)
+
+
+def _swaps_to_perm(piv: torch.Tensor, m: int) -> np.ndarray:
     """LAPACK's sequential 1-based row swaps -> row order `perm` such that (P^T W)[i] = W[perm[i]]."""
     perm = np.arange(m, dtype=np.int64)  # numpy: no m-element Python list to convert (8 us instead of 83 at m=1280)
     for i, j in enumerate(piv.tolist()):
         j -= 1
         perm[i], perm[j] = perm[j], perm[i]
-    return torch.from_numpy(perm)
+    return perm
 
 
-def _canonicaliser(canonical_dtype: str | None, dtype: torch.dtype):
-    """Function rounding a block through `canonical_dtype` (where representable) and casting it to `dtype`."""
-    if canonical_dtype is None:
-        return lambda t: t.to(dtype)
-    cdt = _DTYPES[canonical_dtype]
-    limit = torch.finfo(cdt).max
+def _lu_no_pivoting_(panel: torch.Tensor) -> None:
+    """In-place LU of a (k x c, k >= c) panel in its given row order; recursive halving keeps the op count ~4c."""
+    c = panel.shape[1]
+    if c == 1:
+        panel[1:, 0] /= panel[0, 0]
+        return
+    h = c // 2
+    _lu_no_pivoting_(panel[:, :h])
+    panel[:h, h:] = torch.linalg.solve_triangular(panel[:h, :h], panel[:h, h:], upper=False, unitriangular=True)
+    panel[h:, h:] -= panel[h:, :h] @ panel[:h, h:]
+    _lu_no_pivoting_(panel[h:, h:])
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        # an overflow would turn weights into inf, so such blocks keep their own precision
-        if t.numel() == 0:  # rank == in: no columns right of the panel
-            return t.to(dtype)
-        lo, hi = torch.aminmax(t)  # one pass, no |t| temporary
-        return (t.to(cdt) if max(-float(lo), float(hi)) < limit else t).to(dtype)
 
-    return cast
+def _row_order(m: int, pivots: torch.Tensor, name: str) -> np.ndarray:
+    """Rows `pivots` first (in their order), then the others: the order forcing those elimination steps."""
+    p = pivots.detach().cpu().numpy().astype(np.int64)
+    if p.ndim != 1 or len(np.unique(p)) != len(p) or (len(p) and (p.min() < 0 or p.max() >= m)):
+        raise ValueError(f"{name}: pivot order must list distinct rows in [0, {m}), got {p.tolist()[:8]}")
+    rest = np.ones(m, dtype=bool)
+    rest[p] = False
+    return np.concatenate([p, np.flatnonzero(rest)])
+
+
+def _forced_panel_lu(panel: torch.Tensor, forced: int) -> tuple[torch.Tensor, np.ndarray]:
+    """LU of `panel` (m x r) eliminating its first `forced` rows first, in order, then pivoting partially.
+
+    Returns (row-major packed LU of the reordered panel, row order relative to the panel)."""
+    m = panel.shape[0]
+    lu = panel.clone()
+    _lu_no_pivoting_(lu[:, :forced])
+    lu[:forced, forced:] = torch.linalg.solve_triangular(lu[:forced, :forced], lu[:forced, forced:], upper=False,
+                                                         unitriangular=True)
+    lu[forced:, forced:] -= lu[forced:, :forced] @ lu[:forced, forced:]
+    tail, piv_tail, _ = torch.linalg.lu_factor_ex(lu[forced:, forced:])
+    perm_tail = _swaps_to_perm(piv_tail.cpu(), m - forced)
+    lu[forced:, :forced] = lu[forced:, :forced][torch.from_numpy(perm_tail).to(lu.device)]
+    lu[forced:, forced:] = tail
+    return lu.contiguous(), np.concatenate([np.arange(forced), forced + perm_tail])
+
+
+def _panel_lu(panel: torch.Tensor, pivots: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major packed LU of the panel in elimination order, and that order (original row indices)."""
+    m = panel.shape[0]
+    lu, piv, _ = torch.linalg.lu_factor_ex(panel)  # info > 0 only flags an exact zero pivot
+    perm = torch.from_numpy(_swaps_to_perm(piv.cpu(), m)).to(panel.device)
+    forced = 0 if pivots is None else pivots.numel()
+    if forced == 0 or torch.equal(perm[:forced].cpu(), pivots.cpu().long()):
+        return lu.contiguous(), perm  # LAPACK returns column-major; row-major makes tril and the row scatter fast
+    # a near-tie made partial pivoting choose other rows on this copy: force the given ones
+    order = torch.from_numpy(_row_order(m, pivots, name)).to(panel.device)
+    lu, sub = _forced_panel_lu(panel[order], forced)
+    return lu, order[torch.from_numpy(sub).to(panel.device)]
 
 
 def top_r_ldu(
     weight: torch.Tensor,
     rank: int,
     factor_dtype: str | torch.dtype = "float32",
-    canonical_dtype: str | None = None,
     pivot_eps: float = 1e-6,
     name: str = "weight",
+    pivots: torch.Tensor | None = None,
 ) -> LDUFactors:
-    """Top-r LDU factors (B, z0, A) of `weight` (out x in), computed in `factor_dtype` whatever the weight dtype."""
+    """Top-r LDU factors (B, z0, A) of `weight` (out x in), computed in `factor_dtype` whatever the weight dtype.
+
+    `pivots` (up to `rank` row indices) forces the first elimination steps to those rows, as stored in adapter files.
+    """
     dtype = _DTYPES[factor_dtype] if isinstance(factor_dtype, str) else factor_dtype
     m, n = weight.shape
     if rank > min(m, n):
         raise ValueError(f"{name}: rank {rank} exceeds min(out, in) = {min(m, n)} of its {m}x{n} weight")
+    forced = 0 if pivots is None else pivots.numel()
+    if forced > rank:
+        raise ValueError(f"{name}: {forced} forced pivots for rank {rank}")
     W = weight.detach()
-    # Only the panel and the r pivot rows are read, so only they are canonicalised: O((m + n) r) work.
-    cast = _canonicaliser(canonical_dtype, dtype)
-    weight_norm = float(torch.linalg.norm(W.to(dtype)))
+    weight_norm = float(torch.linalg.norm(W, dtype=dtype))
     if not math.isfinite(weight_norm):
         raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")
 
-    # 1. panel LU: P^T W[:, :r] = L_panel U11
-    lu, piv, _ = torch.linalg.lu_factor_ex(cast(W[:, :rank]))  # (m, r); info > 0 only flags an exact zero pivot
-    perm = _swaps_to_perm(piv.cpu(), m).to(W.device)
-    lu = lu.contiguous()  # LAPACK returns column-major; row-major makes tril and the row scatter below fast
+    # 1. panel LU: P^T W[:, :r] = L_panel U11 (the forced rows first)
+    lu, perm = _panel_lu(W[:, :rank].to(dtype), pivots, name)
     L_panel = torch.tril(lu, diagonal=-1)
     L_panel[:rank].diagonal().fill_(1.0)  # unit lower (m, r)
     U11 = torch.triu(lu[:rank])  # (r, r)
 
     # 2. the rest of the first r rows of U: U12 = L11^-1 (P^T W)[:r, r:]
-    U12 = torch.linalg.solve_triangular(L_panel[:rank], cast(W[perm[:rank], rank:]), upper=False, unitriangular=True)
+    U12 = torch.linalg.solve_triangular(L_panel[:rank], W[perm[:rank], rank:].to(dtype), upper=False,
+                                        unitriangular=True)
     U_rows = torch.cat([U11, U12], dim=1)  # (r, n)
 
     # 3. pivots; a (near-)zero pivot would divide by zero, so clamp it (documented in README). A clamped pivot
@@ -111,10 +180,19 @@ def top_r_ldu(
     # 4. multipliers back in original row order: B = P L_panel
     B = torch.empty_like(L_panel)
     B[perm] = L_panel
-    return LDUFactors(B=B, z0=z0, A=A, pivots=perm[:rank].clone(), weight_norm=weight_norm)
+    return LDUFactors(B=B, z0=z0, A=A, pivots=perm[:rank].clone(), weight_norm=weight_norm,
+                      roundoff=unit_roundoff(W.dtype))
+
+
+def legacy_pivots(weight: torch.Tensor, rank: int, canonical_dtype: str | None) -> torch.Tensor:
+    """Pivot rows as format version 1 chose them: partial pivoting on the panel rounded through `canonical_dtype`."""
+    panel = weight.detach()[:, :rank].float()
+    if canonical_dtype is not None and float(panel.abs().max()) < torch.finfo(_DTYPES[canonical_dtype]).max:
+        panel = panel.to(_DTYPES[canonical_dtype]).float()
+    _, piv, _ = torch.linalg.lu_factor_ex(panel)
+    return torch.from_numpy(_swaps_to_perm(piv.cpu(), panel.shape[0])[:rank])
 
 
 def fingerprint(f: LDUFactors) -> torch.Tensor:
-    """Compact float32 fingerprint of a base weight: (||W0||_F, sum|z0|, checksum of the pivot rows)."""
-    checksum = float(sum(k * p for k, p in enumerate(f.pivots.tolist(), 1))) % 16777213.0  # exact in float32
-    return torch.tensor([f.weight_norm, float(f.z0.abs().sum()), checksum], dtype=torch.float32)
+    """Compact float32 fingerprint of a base weight: (||W0||_F, sum|z0|, unit roundoff of the weight's dtype)."""
+    return torch.tensor([f.weight_norm, float(f.z0.abs().sum()), f.roundoff], dtype=torch.float32)

@@ -18,6 +18,7 @@ from torch import nn
 from . import model as core
 from .config import LoLDUConfig
 from .io import LOLDU_WEIGHT_NAME, LoLDUFormatError, atomic_write, load_loldu, read_adapter_file, save_loldu
+from .naming import checkpoint_prefixes, kohya_key, kohya_prefixes, lora_output_file
 from .presets import PRESETS
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -163,7 +164,8 @@ def save_pipeline_adapter(save_directory: str | os.PathLike, components: dict[st
                           metadata: dict[str, str] | None = None, weight_name: str = LOLDU_WEIGHT_NAME) -> Path:
     """Write adapter `adapter_name` of {component: module} to save_directory/pytorch_loldu_weights.safetensors."""
     meta = {"base_model": base_model or "", **(metadata or {})}
-    return save_loldu(Path(save_directory) / weight_name, components, adapter_name, metadata=meta)
+    return save_loldu(Path(save_directory) / weight_name, components, adapter_name, metadata=meta,
+                      name_prefixes=checkpoint_prefixes(components))
 
 
 def load_loldu_weights(pipe, path_or_repo_id: str | os.PathLike, weight_name: str | None = None,
@@ -172,7 +174,7 @@ def load_loldu_weights(pipe, path_or_repo_id: str | os.PathLike, weight_name: st
     path = resolve_adapter_file(path_or_repo_id, weight_name, **hub_kwargs)
     comps = pipeline_components(pipe)
     fused = any(layer.loldu_merged for _, layer in core.loldu_layers(comps))
-    name = load_loldu(path, comps, adapter_name).name
+    name = load_loldu(path, comps, adapter_name, checkpoint_prefixes(comps)).name
     _follow_pipeline_scale(pipe)
     if not fused:  # like diffusers, the newly loaded adapter becomes the active one
         core.set_loldu_adapters(comps, [name])
@@ -228,10 +230,15 @@ def unload_loldu_weights(pipe) -> None:
 
 def export_lora_state_dict(components: dict[str, nn.Module], adapter_name: str, format: str = "diffusers",
                            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Exact rank-r LoRA of an adapter: up = B, down = diag(sigma z - sigma0 z0) A (diffusers or kohya keys)."""
+    """Exact rank-r LoRA of an adapter: up = B, down = diag(sigma z - sigma0 z0) A.
+
+    diffusers keys are those diffusers' training scripts save for a peft LoRA on the same modules (peft state dict,
+    convert_state_dict_to_diffusers, save_lora_weights); kohya keys use checkpoint names (lora_te_text_model_...,
+    lora_te1_/lora_te2_ on SDXL) whatever the transformers version.
+    """
     if format not in ("diffusers", "kohya"):
         raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
-    out = {}
+    out, peft, prefixes, kohya = {}, {}, checkpoint_prefixes(components), kohya_prefixes(components)
     for comp, module in components.items():
         for name, layer in core.loldu_layers(module):
             if adapter_name not in layer.loldu_adapters:
@@ -240,15 +247,18 @@ def export_lora_state_dict(components: dict[str, nn.Module], adapter_name: str, 
             with torch.no_grad():
                 up = layer.loldu_B[:, : a.rank].float().cpu()
                 down = (a.diag()[:, None].cpu() * layer.loldu_A[: a.rank].float().cpu())
-            if format == "diffusers":  # peft-style keys that stock load_lora_weights reads
-                out[f"{comp}.{name}.lora_A.weight"] = down.to(dtype).contiguous()
-                out[f"{comp}.{name}.lora_B.weight"] = up.to(dtype).contiguous()
-            else:  # kohya/A1111: module path with "_" and lora_unet_/lora_te_ prefixes, alpha = rank (scale 1)
-                prefix = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}[comp]
-                key = f"{prefix}_{name.replace('.', '_')}"
+            if format == "diffusers":  # a peft state dict, converted below as diffusers' training scripts do
+                peft.setdefault(comp, {})[f"{name}.lora_A.weight"] = down.to(dtype).contiguous()
+                peft[comp][f"{name}.lora_B.weight"] = up.to(dtype).contiguous()
+            else:  # kohya/A1111: checkpoint path with "_" after lora_unet_/lora_te*_, alpha = rank (scale 1)
+                key = kohya_key(kohya[comp], prefixes.get(comp, "") + name)
                 out[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
                 out[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
                 out[f"{key}.alpha"] = torch.tensor(float(a.rank), dtype=dtype)
+    if peft:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        out = {f"{comp}.{k}": v for comp, sd in peft.items() for k, v in convert_state_dict_to_diffusers(sd).items()}
     if not out:
         raise ValueError(f"no LoLDU adapter named {adapter_name!r} to export")
     return out
@@ -256,14 +266,17 @@ def export_lora_state_dict(components: dict[str, nn.Module], adapter_name: str, 
 
 def export_lora(pipe, output_path: str | os.PathLike, adapter_name: str | None = None, format: str = "diffusers",
                 dtype: torch.dtype = torch.float32) -> Path:
-    """Write the exact LoRA equivalent of a LoLDU adapter, loadable by `pipe.load_lora_weights` / A1111 / ComfyUI."""
+    """Write the exact LoRA equivalent of a LoLDU adapter, loadable by `pipe.load_lora_weights` / A1111 / ComfyUI.
+
+    A path without .safetensors is a folder that gets pytorch_lora_weights.safetensors, as in diffusers.
+    """
     from safetensors.torch import save_file
 
     comps = pipeline_components(pipe)
     name = adapter_name or _single_adapter(comps)
     tensors = export_lora_state_dict(comps, name, format, dtype)
     meta = {"format": "pt", "exported_from": "loldu", "loldu_adapter": name}
-    return atomic_write(output_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return atomic_write(lora_output_file(output_path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _single_adapter(comps: dict[str, nn.Module]) -> str:

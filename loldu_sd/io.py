@@ -3,19 +3,22 @@
 Layout, per component (prefix "" for a bare module, "unet." / "text_encoder." for a pipeline):
     {prefix}loldu.z            float32 (sum of ranks,)   every layer's z, concatenated in the layer order below
     {prefix}loldu.sigma        float32 (L,)
-    {prefix}loldu.fingerprint  float32 (L, 3)            (||W0||_F, sum|z0|, pivot checksum) of the base weights
+    {prefix}loldu.pivots       int16 (int32 past 32767 rows) (sum of ranks,)   rows eliminated at each step
+    {prefix}loldu.fingerprint  float32 (L, 3)            (||W0||_F, sum|z0|, unit roundoff of W0's dtype)
     extra.{name}               optional extra tensors (e.g. a trained classification head)
 Metadata (str -> str): format="loldu", format_version, config (JSON), layers (JSON {component: [[name, rank]...]}),
 adapter_name, plus caller metadata (base model, ...). Packing per component keeps the JSON header small: the
 per-layer-key alternative costs ~3x the bytes for the SD UNet (measured in eval.bench).
-B, A, z0 are recomputed from the base weights on load: that is what keeps the file tiny.
+B, A, z0 are recomputed from the base weights on load: that is what keeps the file tiny. The pivot order makes that
+recomputation follow the base rather than its bit pattern: fp32, fp16 and bf16 copies of one base eliminate the same
+rows, so their factors differ only by the copies' rounding, and the fingerprint is checked with tolerances of that
+size. Version 1 files (no pivot order) load where their pivot checksum still matches and are refused otherwise.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +28,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoLDUConfig
-from .decompose import fingerprint, top_r_ldu
+from .decompose import LDUFactors, fingerprint, lapack_threads, legacy_pivots, top_r_ldu, unit_roundoff
 from .layer import LoLDULinear
 from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
                     loldu_layers)
 
 FORMAT_NAME = "loldu"
-FORMAT_VERSION = 1
-NORM_RTOL, Z0_RTOL = 1e-3, 1e-2  # fingerprint tolerances: fp16 vs fp32 copies of one base pass, other bases fail
+FORMAT_VERSION = 2
+# Base checks, relative, in units of (roundoff of the file's base + roundoff of the loaded base): ||W0|| of two
+# roundings of one weight differ by at most that sum; sum|z0| moved by < 1 unit on real and tiny weights; a stored
+# pivot row never loses its column to a row more than a few units larger (|multiplier| <= 1 on the source copy).
+# The floors cover float32 work on identical copies.
+NORM_UNITS, Z0_UNITS, MULTIPLIER_UNITS = 1.0, 8.0, 64.0
+NORM_FLOOR, Z0_FLOOR, MULTIPLIER_FLOOR = 1e-6, 1e-5, 1e-4
+LEGACY_CANONICAL = "float16"  # version 1 chose pivots on W0 rounded through this dtype (unless its config said None)
 LOLDU_WEIGHT_NAME = "pytorch_loldu_weights.safetensors"  # the file name in an adapter directory
 
 
@@ -88,10 +97,10 @@ def layer_values(tensors: dict[str, torch.Tensor], component: str, ranks: list[i
     return list(zip(tensors[p + "loldu.z"].split(ranks), tensors[p + "loldu.sigma"]))
 
 
-def loldu_state_dict(modules: Components, adapter_name: str = "default"
+def loldu_state_dict(modules: Components, adapter_name: str = "default", name_prefixes: dict[str, str] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, list[list]]]:
-    """Packed tensors and layer list of one adapter, as stored in the file."""
-    tensors, layers = {}, {}
+    """Packed tensors and layer list of one adapter, as stored in the file (layer names with `name_prefixes`)."""
+    tensors, layers, name_prefixes = {}, {}, name_prefixes or {}
     for comp, module in components(modules).items():
         entries = [(n, layer.loldu_adapters[adapter_name]) for n, layer in loldu_layers(module)
                    if adapter_name in layer.loldu_adapters]
@@ -100,17 +109,24 @@ def loldu_state_dict(modules: Components, adapter_name: str = "default"
         p = _prefix(comp)
         tensors[p + "loldu.z"] = torch.cat([a.z.detach().float().cpu() for _, a in entries])
         tensors[p + "loldu.sigma"] = torch.stack([a.sigma.detach().float().cpu() for _, a in entries])
+        pivots = torch.cat([a.pivots.cpu() for _, a in entries])
+        tensors[p + "loldu.pivots"] = pivots.to(torch.int16 if int(pivots.max()) < 2**15 else torch.int32)
         tensors[p + "loldu.fingerprint"] = torch.stack([a.fingerprint() for _, a in entries])
-        layers[comp] = [[n, a.rank] for n, a in entries]
+        layers[comp] = [[name_prefixes.get(comp, "") + n, a.rank] for n, a in entries]
     if not layers:
         raise ValueError(f"no LoLDU adapter named {adapter_name!r} to save")
     return tensors, layers
 
 
 def save_loldu(path: str | Path, modules: Components, adapter_name: str = "default",
-               metadata: dict[str, str] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter `adapter_name` of a module (or {component: module}) to a safetensors file, atomically."""
-    tensors, layers = loldu_state_dict(modules, adapter_name)
+               metadata: dict[str, str] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+               name_prefixes: dict[str, str] | None = None) -> Path:
+    """Write adapter `adapter_name` of a module (or {component: module}) to a safetensors file, atomically.
+
+    `name_prefixes` ({component: prefix}) prepends a prefix to that component's layer names in the file, so files
+    carry checkpoint names where a library version names the modules without it (see loldu_sd.naming).
+    """
+    tensors, layers = loldu_state_dict(modules, adapter_name, name_prefixes)
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -152,34 +168,89 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
-def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
+def _check_base(path: Path, where: str, factors: LDUFactors, stored: torch.Tensor, file_roundoff: float) -> None:
+    """Refuse, with the real reason, base weights that are not a precision copy of those the adapter was made on."""
+    units = file_roundoff + factors.roundoff
+    mine = fingerprint(factors)
+    head = f"{path}: made for a different base model: first mismatching layer {where}"
+    if not math.isclose(mine[0], stored[0], rel_tol=NORM_UNITS * units + NORM_FLOOR):
+        raise LoLDUBaseMismatchError(f"{head} has ||W0|| {float(mine[0]):.6g} here vs {float(stored[0]):.6g} in the "
+                                     "file, more than the two copies' rounding explains")
+    if not math.isclose(mine[1], stored[1], rel_tol=Z0_UNITS * units + Z0_FLOOR):
+        raise LoLDUBaseMismatchError(f"{head} has sum|z0| {float(mine[1]):.6g} here vs {float(stored[1]):.6g} in the "
+                                     "file, more than the two copies' rounding explains")
+    multiplier = float(factors.B.abs().max())
+    if not multiplier <= 1 + MULTIPLIER_UNITS * units + MULTIPLIER_FLOOR:  # NaN (0/0 at a zero pivot) fails too
+        raise LoLDUBaseMismatchError(f"{head}: the file's pivot rows do not dominate their columns here (multiplier "
+                                     f"{multiplier:.4g} > 1), so these are not the weights it was made on")
+
+
+def _layer_pivots(path: Path, where: str, weight: torch.Tensor, rank: int, version: int, pivots: torch.Tensor | None,
+                  stored: torch.Tensor, canonical: str | None) -> tuple[torch.Tensor, float]:
+    """The pivot rows to force for one layer, and the unit roundoff of the base the file was made on."""
+    if version >= 2:
+        rows = pivots.long()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]
+                             or rows.unique().numel() != rows.numel()):
+            raise LoLDUFormatError(f"{path}: corrupted pivot order at {where}: rows must be distinct and below "
+                                   f"{weight.shape[0]}")
+        return rows, float(stored[2])
+    legacy = legacy_pivots(weight, rank, canonical)
+    if float(sum(k * p for k, p in enumerate(legacy.tolist(), 1))) % 16777213.0 != float(stored[2]):
+        raise LoLDUFormatError(
+            f"{path}: a format version 1 file made on another precision copy of this base (layer {where} pivots "
+            "on other rows here); load it on the copy it was made on and re-save it with save_loldu / "
+            f"pipe.save_loldu_weights to get format version {FORMAT_VERSION}, which loads on fp32, fp16 and bf16 alike")
+    return legacy, unit_roundoff(getattr(torch, canonical or "float32"))
+
+
+def _component_tensors(path: Path, tensors, comp: str, entries: list, version: int):
+    """z, sigma, fingerprint and pivots of one component, with their shapes checked against its layer list."""
+    p = _prefix(comp)
+    z, sigma, fp, piv = (tensors.get(p + k) for k in ("loldu.z", "loldu.sigma", "loldu.fingerprint", "loldu.pivots"))
+    n_values, n_layers = sum(int(r) for _, r in entries), len(entries)
+    if (z is None or sigma is None or fp is None or z.shape != (n_values,) or sigma.shape != (n_layers,)
+            or fp.shape != (n_layers, 3) or (version >= 2 and (piv is None or piv.shape != (n_values,)))):
+        raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
+    return z, sigma, fp, piv
+
+
+def _module_name(name: str, modules: dict[str, nn.Module], prefix: str) -> str:
+    """The module's own name for a layer the file calls `name` (which may carry `prefix`)."""
+    if prefix and name.startswith(prefix) and name not in modules:
+        return name[len(prefix):]
+    return name
+
+
+def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_prefixes: dict[str, str]):
     """Check everything against the model without changing it.
 
-    Returns (config, [(comp, name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed here,
-    once.
+    Returns (config, [(comp, module name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed
+    here, once, with the file's pivot order forced.
     """
     try:
-        config = LoLDUConfig.from_dict(json.loads(meta["config"]))
+        raw_config = json.loads(meta["config"])
+        config = LoLDUConfig.from_dict(raw_config)
         layers = json.loads(meta["layers"])
         if not isinstance(layers, dict):
             raise TypeError("layers is not a JSON object")
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({e})") from None
-    plan, pivot_drift, maps = [], [], {}
+    version, canonical = int(meta["format_version"]), raw_config.get("canonical_dtype", LEGACY_CANONICAL)
+    plan, maps = [], {}
     for comp, entries in layers.items():
         if comp not in comps:
             raise LoLDUFormatError(f"{path}: adapter has layers for component {comp!r}, which this model lacks "
                                    f"(have {sorted(comps)})")
-        p = _prefix(comp)
-        z, sigma, fp = (tensors.get(p + k) for k in ("loldu.z", "loldu.sigma", "loldu.fingerprint"))
-        ranks = [int(r) for _, r in entries]
-        if (z is None or sigma is None or fp is None or z.shape != (sum(ranks),)
-                or sigma.shape != (len(entries),) or fp.shape != (len(entries), 3)):
-            raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
+        z, sigma, fp, piv = _component_tensors(path, tensors, comp, entries, version)
         modules = maps[comp] = _submodules(comps[comp])
-        for i, ((name, rank), (zi, si)) in enumerate(zip(entries, layer_values(tensors, comp, ranks))):
+        ranks = [int(r) for _, r in entries]
+        pivs = piv.split(ranks) if piv is not None else [None] * len(ranks)
+        for i, ((name, rank), (zi, si), pi) in enumerate(zip(entries, layer_values(tensors, comp, ranks), pivs)):
+            rank = int(rank)
             where = f"{comp}.{name}" if comp else name
-            if not (torch.isfinite(zi).all() and torch.isfinite(si)):
+            name = _module_name(name, modules, name_prefixes.get(comp, ""))
+            if not (torch.isfinite(zi).all() and torch.isfinite(si) and torch.isfinite(fp[i]).all()):
                 raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
             if layer is None:
@@ -191,29 +262,26 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
             if rank != expected:
                 raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
                                        f"give {expected}")
+            pivots, file_roundoff = _layer_pivots(path, where, layer.weight, rank, version, pi, fp[i], canonical)
             if isinstance(layer, LoLDULinear):
-                factors = layer.factorise(config, rank, where)
+                if layer.pivot_conflict(pivots):
+                    raise LoLDUFormatError(
+                        f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
+                        "other rows (made on another precision copy); load this adapter into a fresh model")
+                factors = layer.factorise(config, rank, where, pivots)
             else:  # decompose without wrapping: from_linear would freeze the weights of a model we may not change
-                factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.canonical_dtype,
-                                    config.pivot_eps, where)
-            mine = fingerprint(factors)
-            if (not math.isclose(mine[0], fp[i, 0], rel_tol=NORM_RTOL)
-                    or not math.isclose(mine[1], fp[i, 1], rel_tol=Z0_RTOL)):
-                raise LoLDUBaseMismatchError(
-                    f"{path}: made for a different base model: first mismatching layer {where} "
-                    f"(||W0|| {float(fp[i, 0]):.6g} in the file vs {float(mine[0]):.6g} here)")
-            if mine[2] != fp[i, 2]:
-                pivot_drift.append(where)
+                factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.pivot_eps, where, pivots)
+            _check_base(path, where, factors, fp[i], file_roundoff)
             plan.append((comp, name, zi, si, factors))
-    if pivot_drift:
-        warnings.warn(f"{path}: {len(pivot_drift)} layer(s) pivot differently from the model the adapter was trained "
-                      f"on (e.g. {pivot_drift[0]}); base weights differ slightly (bf16 vs fp16 copy?)", stacklevel=3)
     return config, plan, maps
 
 
-def load_loldu(path: str | Path, modules: Components, adapter_name: str | None = None
-               ) -> LoadedAdapter:
-    """Load an adapter file into a module (or {component: module}); on any error the model is left unchanged."""
+def load_loldu(path: str | Path, modules: Components, adapter_name: str | None = None,
+               name_prefixes: dict[str, str] | None = None) -> LoadedAdapter:
+    """Load an adapter file into a module (or {component: module}); on any error the model is left unchanged.
+
+    `name_prefixes` ({component: prefix}): file layer names carrying that prefix map onto modules named without it.
+    """
     path = Path(path)
     tensors, meta = read_adapter_file(path)
     comps = components(modules)
@@ -221,7 +289,8 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
     if name in loldu_adapter_names(comps):
         raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                "or delete that adapter first")
-    config, plan, maps = _plan_load(path, tensors, meta, comps)
+    with lapack_threads(1):
+        config, plan, maps = _plan_load(path, tensors, meta, comps, name_prefixes or {})
     layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
               for comp, modules in maps.items()}
     with torch.no_grad():

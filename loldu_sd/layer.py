@@ -84,7 +84,8 @@ class RuntimeScale:
 class LoLDUAdapter(nn.Module):
     """One adapter of one layer: trainable z (r) and sigma, frozen z0 and sigma0."""
 
-    def __init__(self, config: LoLDUConfig, z0: torch.Tensor, pivots: torch.Tensor, weight_norm: float):
+    def __init__(self, config: LoLDUConfig, z0: torch.Tensor, pivots: torch.Tensor, weight_norm: float,
+                 roundoff: float):
         super().__init__()
         self.config = config
         self.rank = z0.numel()
@@ -96,6 +97,7 @@ class LoLDUAdapter(nn.Module):
         self.register_buffer("sigma0", sigma0, persistent=False)
         self.register_buffer("pivots", pivots.clone(), persistent=False)
         self.weight_norm = weight_norm
+        self.roundoff = roundoff  # of the base weight's dtype: how far another copy of the base may differ
         self.mix_weight = 1.0  # set by set_active: this adapter's share in a mix
 
     def diag(self) -> torch.Tensor:
@@ -104,7 +106,7 @@ class LoLDUAdapter(nn.Module):
 
     def fingerprint(self) -> torch.Tensor:
         """Fingerprint of the base weight this adapter was built on."""
-        return fingerprint(LDUFactors(None, self.z0, None, self.pivots, self.weight_norm))
+        return fingerprint(LDUFactors(None, self.z0, None, self.pivots, self.weight_norm, self.roundoff))
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -134,6 +136,7 @@ class LoLDULinear(nn.Linear):
         layer.loldu_adapters = nn.ModuleDict()
         layer.register_buffer("loldu_B", None, persistent=False)  # (m, R)
         layer.register_buffer("loldu_A", None, persistent=False)  # (R, n)
+        layer.register_buffer("loldu_pivots", None, persistent=False)  # (R,) rows eliminated, in order
         layer.loldu_active: list[str] = []
         layer.loldu_merged: list[str] = []
         layer.loldu_runtime_scale = RuntimeScale() if scale is None else scale
@@ -156,10 +159,18 @@ class LoLDULinear(nn.Linear):
         """Largest rank this layer can take: min(out, in)."""
         return min(self.in_features, self.out_features)
 
-    def factorise(self, config: LoLDUConfig, rank: int, name: str = "weight") -> LDUFactors:
-        """Top-`rank` LDU factors of this layer's base weight (W0, unmerged)."""
+    def factorise(self, config: LoLDUConfig, rank: int, name: str = "weight",
+                  pivots: torch.Tensor | None = None) -> LDUFactors:
+        """Top-`rank` LDU factors of this layer's base weight (W0, unmerged); `pivots` forces the first steps."""
         weight = self._loldu_original_weight if self._loldu_original_weight is not None else self.weight
-        return top_r_ldu(weight, rank, config.factor_dtype, config.canonical_dtype, config.pivot_eps, name)
+        return top_r_ldu(weight, rank, config.factor_dtype, config.pivot_eps, name, pivots)
+
+    def pivot_conflict(self, pivots: torch.Tensor) -> bool:
+        """Whether `pivots` disagrees with the row order of the factors this layer holds (they must nest)."""
+        if self.loldu_pivots is None:
+            return False
+        k = min(pivots.numel(), self.loldu_pivots.numel())
+        return not torch.equal(pivots[:k].cpu(), self.loldu_pivots[:k].cpu())
 
     def add_adapter(self, name: str, config: LoLDUConfig, factors: LDUFactors | None = None,
                     layer_name: str = "weight") -> LoLDUAdapter:
@@ -168,12 +179,17 @@ class LoLDULinear(nn.Linear):
             raise ValueError(f"{layer_name}: adapter {name!r} already exists")
         rank = min(config.rank, self.max_rank())
         current = 0 if self.loldu_B is None else self.loldu_B.shape[1]
-        if factors is None or factors.B.shape[1] < rank:
-            factors = self.factorise(config, max(rank, current), layer_name)
+        if factors is None or factors.B.shape[1] < rank:  # the held row order stays: other adapters keep theirs
+            factors = self.factorise(config, max(rank, current), layer_name, self.loldu_pivots)
+        elif self.pivot_conflict(factors.pivots):
+            raise ValueError(f"{layer_name}: adapter {name!r} pivots on other rows than this layer's adapters "
+                             f"{list(self.loldu_adapters)}; they cannot share one factorisation")
         if factors.B.shape[1] > current:  # nested factors: growing R leaves smaller adapters' subspace intact
             self.loldu_B = factors.B.to(self.weight.dtype)
             self.loldu_A = factors.A.to(self.weight.dtype)
-        adapter = LoLDUAdapter(config, factors.z0[:rank], factors.pivots[:rank], factors.weight_norm)
+            self.loldu_pivots = factors.pivots.clone()
+        adapter = LoLDUAdapter(config, factors.z0[:rank], factors.pivots[:rank], factors.weight_norm,
+                               factors.roundoff)
         self.loldu_adapters[name] = adapter  # built on the factors' device, i.e. the weight's
         self.loldu_active.append(name)
         return adapter

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import LoLDUConfig
+from .decompose import lapack_threads
 from .layer import LoLDULinear, RuntimeScale
 
 
@@ -92,8 +93,9 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
     missing = [name for name in layer_names if name not in modules]
     if missing:
         raise ValueError(f"no submodule named {missing[0]!r} in this {type(module).__name__}")
-    for name, layer in _wrap_linears(module, layer_names, modules).items():
-        layer.add_adapter(adapter_name, config, layer_name=name)
+    with lapack_threads(1):
+        for name, layer in _wrap_linears(module, layer_names, modules).items():
+            layer.add_adapter(adapter_name, config, layer_name=name)
     return module
 
 

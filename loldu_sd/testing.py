@@ -248,12 +248,24 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-def save_tiny_pipeline(path: str | Path, seed: int = 0, sd2: bool = False) -> Path:
+def save_tiny_pipeline(path: str | Path, seed: int = 0, sd2: bool = False, sdxl: bool = False) -> Path:
     """Save the tiny pipeline (safetensors, tokenizer included) so `from_pretrained(path)` works offline."""
     path = Path(path)
-    pipe = tiny_sd2_pipeline(seed) if sd2 else tiny_pipeline(seed)
+    pipe = tiny_sdxl_pipeline(seed) if sdxl else tiny_sd2_pipeline(seed) if sd2 else tiny_pipeline(seed)
     pipe.save_pretrained(path, safe_serialization=True)  # overwrites an earlier save in place
     return path
+
+
+# ---- portability checks --------------------------------------------------------------------------------------------
+def update_errors(made: torch.nn.Module, loaded: torch.nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """||B diag(s) A (loaded) - B diag(s) A (made)||_F / ||W0||_F for each LoLDU layer, both in float32."""
+    from .model import loldu_layers
+
+    theirs = dict(loldu_layers(loaded))
+    with torch.no_grad():
+        return {name: float((theirs[name].delta_weight([adapter_name]) - layer.delta_weight([adapter_name])).norm()
+                            / layer.weight.float().norm())
+                for name, layer in loldu_layers(made) if adapter_name in layer.loldu_adapters}
 
 
 # ---- the real SD 1.5 UNet shape ------------------------------------------------------------------------------------

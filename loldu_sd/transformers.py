@@ -23,6 +23,7 @@ from torch import nn
 from .config import LoLDUConfig
 from .io import LoadedAdapter, LoLDUFormatError, load_loldu, read_adapter_file, save_loldu
 from .model import add_loldu, count_loldu_parameters, find_targets, loldu_layers, loldu_parameters
+from .naming import checkpoint_prefix
 from .presets import PRESETS, preset
 
 DEFAULT_HEADS = ("classifier", "score", "qa_outputs")  # task heads of *ForSequence/TokenClassification/QA models
@@ -157,7 +158,8 @@ def save_transformer_adapter(path: str | Path, model: nn.Module, adapter_name: s
         heads = getattr(model, "_loldu_heads", {}).get(adapter_name, [])
     extra = {HEAD_PREFIX + k: p.detach() for k, p in head_parameters(model, list(heads)).items()}
     meta = {**model_fingerprint_metadata(model), "heads": json.dumps(list(heads)), **(metadata or {})}
-    return save_loldu(path, model, adapter_name, metadata=meta, extra_tensors=extra)
+    return save_loldu(path, model, adapter_name, metadata=meta, extra_tensors=extra,
+                      name_prefixes={"": checkpoint_prefix(model)})
 
 
 def load_transformer_adapter(path: str | Path, model: nn.Module, adapter_name: str | None = None,
@@ -174,7 +176,8 @@ def load_transformer_adapter(path: str | Path, model: nn.Module, adapter_name: s
         if params[name].shape != value.shape:
             raise LoLDUFormatError(f"{path}: head weight {name} is {tuple(value.shape)} in the file but "
                                    f"{tuple(params[name].shape)} here (different num_labels?)")
-    loaded = load_loldu(path, model, adapter_name)  # raises LoLDUBaseMismatchError for other base weights
+    # raises LoLDUBaseMismatchError for other base weights
+    loaded = load_loldu(path, model, adapter_name, {"": checkpoint_prefix(model)})
     with torch.no_grad():
         for name, value in heads.items():
             params[name].copy_(value)

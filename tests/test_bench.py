@@ -35,12 +35,15 @@ def test_bench_smoke_writes_every_field(tmp_path):
     for key in ["full_lu", "top_r_ldu_r1", "top_r_ldu_r8", "top_r_ldu_r32", "add_loldu_r32"]:
         assert has(res, f"injection/times/{key}/median"), key
     assert has(res, "injection/speedup_vs_full_lu/top_r_ldu_r32/median")
+    for load in ("quiet", "busy"):
+        assert has(res, f"injection/load_threads/{load}/1_threads/median"), load
     assert isinstance(res["llama"], dict) and res["llama"]
 
     sd = res["sd"]
     for key in ["unet_params", "build_s", "n_target_layers", "rounds/base/infer/median", "rounds/scale_hook_s/median",
                 "files/format/packed/header_bytes", "files/format/per_layer_keys/header_bytes",
                 "pipeline/load/ours:32/median", "pipeline/load/lora:4/median", "pipeline/load_ratio/median",
+                "pipeline/load_busy/ours:32/median",
                 "pipeline/switch/ours:32/median", "pipeline/switch/lora:4/median"]:
         assert has(sd, key), key
     for spec in SD_METHODS:

@@ -1,4 +1,6 @@
 """Stable Diffusion integration: pipeline methods, identity, mixing, fuse, export to LoRA, bad input."""
+import copy
+
 import pytest
 import torch
 
@@ -8,8 +10,8 @@ from loldu_sd import LoLDUConfig, LoLDUFormatError, LoLDUBaseMismatchError
 pytest.importorskip("diffusers")
 import loldu_sd.diffusers  # noqa: E402
 from loldu_sd.diffusers import add_loldu_to_pipeline, add_loldu_to_text_encoder, add_loldu_to_unet  # noqa: E402
-from loldu_sd.diffusers import export_lora, unet_target_layers  # noqa: E402
-from loldu_sd.testing import tiny_pipeline  # noqa: E402
+from loldu_sd.diffusers import export_lora, pipeline_components, unet_target_layers  # noqa: E402
+from loldu_sd.testing import tiny_pipeline, update_errors  # noqa: E402
 
 
 def images(pipe, seed=0, **kw):
@@ -49,6 +51,28 @@ def add(pipe, name, rank=4, text=False, seed=1):
     if text:
         randomise(pipe.text_encoder, name, seed=seed)
     randomise(pipe.unet, name, seed=seed)
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def roundoff(*dtypes):
+    """Unit roundoff of the coarsest of `dtypes`."""
+    return max(torch.finfo(d).eps / 2 for d in dtypes)
+
+
+@pytest.mark.parametrize("made_dtype", DTYPES)
+def test_adapter_made_in_one_precision_loads_in_every_precision(base, made_dtype, tmp_path):
+    src = copy.deepcopy(base[0]).to(dtype=made_dtype)
+    add(src, "a", rank=32, text=True)
+    src.save_loldu_weights(tmp_path)
+    for loaded_dtype in DTYPES:
+        copy_ = copy.deepcopy(base[0]).to(dtype=loaded_dtype)
+        copy_.load_loldu_weights(tmp_path)
+        for comp in ("unet", "text_encoder"):
+            errors = update_errors(getattr(src, comp), getattr(copy_, comp), "a")
+            assert len(errors) > 0 and max(errors.values()) <= 16 * roundoff(made_dtype, loaded_dtype), (
+                comp, made_dtype, loaded_dtype, max(errors.values()) / roundoff(made_dtype, loaded_dtype))
 
 
 def test_targets_are_every_attention_projection(base):
@@ -273,3 +297,102 @@ def test_sdxl_two_text_encoders_save_load_and_runtime_scale(tmp_path):
     assert pipe.load_loldu_weights(path) == "a"
     assert pipe.list_loldu_adapters() == {"unet": ["a"], "text_encoder": ["a"], "text_encoder_2": ["a"]}
     assert torch.equal(images(pipe), trained)
+
+
+# ---- export keys: what diffusers, its kohya converter and ComfyUI read --------------------------------------------
+KOHYA_PARTS = r"\.(lora_down\.weight|lora_up\.weight|alpha)$"
+KOHYA_UNET = r"^lora_unet_(down_blocks|mid_block|up_blocks)_\w+_(to_q|to_k|to_v|to_out_0)" + KOHYA_PARTS
+# diffusers' converter and ComfyUI's key map read text encoders as text_model_encoder_layers_N_..., under lora_te_
+# (SD 1/2) or lora_te1_ / lora_te2_ (SDXL's two encoders)
+KOHYA_TE = r"^lora_{te}_text_model_encoder_layers_\d+_self_attn_(q|k|v|out)_proj" + KOHYA_PARTS
+
+
+def sdxl_with_adapter():
+    from loldu_sd.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=4), "a")
+    for i, encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2)):
+        add_loldu_to_text_encoder(encoder, LoLDUConfig(rank=4), "a")
+        randomise(encoder, "a", seed=i + 2)
+    randomise(pipe.unet, "a")
+    return pipe
+
+
+def peft_lora_keys(kind, tmp_path) -> set[str]:
+    """Keys of diffusers' own save_lora_weights for a peft LoRA on the layers we adapt, on a fresh pipeline."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from loldu_sd.testing import tiny_sdxl_pipeline
+
+    pipe, layers = tiny_pipeline(seed=0) if kind == "sd" else tiny_sdxl_pipeline(seed=0), {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, comp, None)
+        if module is None:
+            continue
+        targets = ["to_q", "to_k", "to_v", "to_out.0"] if comp == "unet" else ["q_proj", "k_proj", "v_proj", "out_proj"]
+        inject_adapter_in_model(LoraConfig(r=4, target_modules=targets), module, adapter_name="peft")
+        state = get_peft_model_state_dict(module, adapter_name="peft")
+        layers[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(state)
+    type(pipe).save_lora_weights(tmp_path / "peft", **layers)
+    with safe_open(str(tmp_path / "peft" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_diffusers_export_keys_are_those_of_diffusers_own_lora_save(pipe, kind, tmp_path):
+    pytest.importorskip("peft")
+    p = pipe if kind == "sd" else sdxl_with_adapter()
+    if kind == "sd":
+        add(p, "a", text=True)
+    ours = set(loldu_sd.diffusers.export_lora_state_dict(pipeline_components(p), "a", "diffusers"))
+    assert ours == peft_lora_keys(kind, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_kohya_export_keys_follow_the_canonical_form(pipe, kind):
+    import re
+
+    p = pipe if kind == "sd" else sdxl_with_adapter()
+    if kind == "sd":
+        add(p, "a", text=True)
+    keys = set(loldu_sd.diffusers.export_lora_state_dict(pipeline_components(p), "a", "kohya"))
+    encoders = ["te"] if kind == "sd" else ["te1", "te2"]
+    patterns = [KOHYA_UNET] + [KOHYA_TE.format(te=te) for te in encoders]
+    assert all(any(re.match(pat, k) for pat in patterns) for k in keys), sorted(keys)[:5]
+    for pat in patterns:  # every component is exported
+        assert any(re.match(pat, k) for k in keys), pat
+
+
+def test_export_to_a_path_without_suffix_writes_a_folder_stock_diffusers_reads(pipe, base, tmp_path):
+    pytest.importorskip("peft")
+    add(pipe, "a", text=True)
+    ref = images(pipe)
+    out = export_lora(pipe, tmp_path / "robot_lora")
+    assert out == tmp_path / "robot_lora" / "pytorch_lora_weights.safetensors" and out.is_file()
+    pipe.unload_loldu_weights()
+    pipe.load_lora_weights(tmp_path / "robot_lora", adapter_name="exported")
+    try:
+        assert torch.allclose(images(pipe), ref, atol=1e-4)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def test_adapter_files_name_text_encoder_layers_as_checkpoints_do(pipe, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    add(pipe, "a", text=True)
+    ref = images(pipe)
+    path = pipe.save_loldu_weights(tmp_path)
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+    assert layers["text_encoder"] and all(n.startswith("text_model.encoder.layers.") for n, _ in layers["text_encoder"])
+    pipe.unload_loldu_weights()
+    pipe.load_loldu_weights(path)
+    assert torch.equal(images(pipe), ref)

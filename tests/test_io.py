@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,9 +127,99 @@ def test_loads_onto_fp16_copy_of_the_base_without_warnings(saved, tiny_net):
     _, path, x, y = saved
     half = tiny_net(dtype=torch.float16)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # same canonical pivots: no drift warning
+        warnings.simplefilter("error")
         load_loldu(path, half)
     torch.testing.assert_close(half(x.half()).float(), y, rtol=2e-2, atol=2e-2)
+
+
+# ---- portability: the file's pivot order makes every precision copy of the base factor alike -----------------------
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def near_tie_net(dtype=torch.float32):
+    """Two layers; the first pivots on row 1 in fp32 and fp16 but on row 0 in bf16 (1.002 rounds to 1.0 there)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 16))
+    with torch.no_grad():
+        net[0].weight[0, 0], net[0].weight[1, 0] = 1.0, 1.002
+    return net.to(dtype)
+
+
+def updates(module) -> dict[str, torch.Tensor]:
+    """B diag(s) A of every LoLDU layer, in float32."""
+    return {n: layer.delta_weight().detach() for n, layer in loldu_sd.loldu_layers(module)}
+
+
+def assert_updates_match(made, loaded, weights, made_dtype, loaded_dtype, units):
+    """Each layer's update on the copy matches the source's within `units` roundings of the coarser dtype."""
+    u = max(torch.finfo(d).eps / 2 for d in (made_dtype, loaded_dtype))
+    for name, delta in made.items():
+        err = float((loaded[name] - delta).norm() / weights[name].float().norm())
+        assert err <= units * u, (name, made_dtype, loaded_dtype, err / u)
+
+
+@pytest.mark.parametrize("made_dtype", DTYPES)
+def test_adapter_made_on_any_precision_loads_on_every_copy(made_dtype, tmp_path):
+    net = near_tie_net(made_dtype)
+    add_loldu(net, LoLDUConfig(rank=8, target_modules=["0", "2"]))
+    randomise(net, "default")
+    path = save_loldu(tmp_path / "a.safetensors", net)
+    made, weights = updates(net), {n: m.weight for n, m in loldu_sd.loldu_layers(net)}
+    for loaded_dtype in DTYPES:
+        copy = near_tie_net(loaded_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_loldu(path, copy)
+        assert torch.equal(copy[0].loldu_adapters["default"].pivots, net[0].loldu_adapters["default"].pivots)
+        assert_updates_match(made, updates(copy), weights, made_dtype, loaded_dtype, units=8)
+
+
+def test_rows_swapped_base_with_the_same_norm_is_refused(saved, tiny_net):
+    _, path, _, _ = saved
+    net = tiny_net()
+    with torch.no_grad():  # same ||W0||, but the file's pivot rows no longer dominate their columns here
+        w = net.blocks[0].attn.to_k.weight
+        w.copy_(w.flip(0))
+    snap = snapshot(net)
+    with pytest.raises(LoLDUBaseMismatchError) as excinfo:
+        load_loldu(path, net)
+    check_error(excinfo, path, "different base model", "first mismatching layer blocks.0.attn.to_k")
+    assert_unchanged(net, snap)
+
+
+def test_layer_holding_another_pivot_order_refuses_a_second_adapter(tmp_path):
+    made = near_tie_net(torch.bfloat16)  # pivots on row 0
+    add_loldu(made, LoLDUConfig(rank=4, target_modules=["0"]))
+    path = save_loldu(tmp_path / "bf16.safetensors", made)
+    net = near_tie_net()
+    add_loldu(net, LoLDUConfig(rank=4, target_modules=["0"]), "own")  # pivots on row 1
+    snap = snapshot(net)
+    with pytest.raises(LoLDUFormatError) as excinfo:
+        load_loldu(path, net)
+    check_error(excinfo, path, "layer 0 already holds adapters ['own']", "fresh model")
+    assert_unchanged(net, snap)
+
+
+V1_FILE = Path(__file__).parent / "data" / "adapter_v1.safetensors"  # written by loldu-sd 35802f6 (format 1)
+
+
+def test_version_1_file_loads_where_its_pivots_still_hold():
+    for dtype in (torch.float32, torch.float16):  # v1 chose pivots on the panel rounded through fp16
+        net = near_tie_net(dtype)
+        loaded = load_loldu(V1_FILE, net)
+        x, y = loaded.extra_tensors["x"], loaded.extra_tensors["y"]
+        # v1 factorised W0 rounded through fp16; version 2 factorises W0 itself, in the same order
+        torch.testing.assert_close(net(x.to(dtype)).float(), y, rtol=1e-2, atol=1e-2)
+
+
+def test_version_1_file_on_a_copy_that_pivots_differently_asks_to_re_save():
+    net = near_tie_net(torch.bfloat16)
+    snap = snapshot(net)
+    with pytest.raises(LoLDUFormatError) as excinfo:
+        load_loldu(V1_FILE, net)
+    check_error(excinfo, V1_FILE, "format version 1", "layer 0", "re-save",
+                f"format version {loldu_sd.io.FORMAT_VERSION}")
+    assert_unchanged(net, snap)
 
 
 def test_file_is_kilobytes_with_documented_metadata(tmp_path):
@@ -137,11 +228,11 @@ def test_file_is_kilobytes_with_documented_metadata(tmp_path):
     add_loldu(net, cfg)
     path = save_loldu(tmp_path / "a.safetensors", net)
     size = os.path.getsize(path)
-    assert size < 6_000, size  # 20 x 32 z + 20 sigma + 20 x 3 fingerprint + JSON header
+    assert size < 7_500, size  # 20 x 32 z + 20 x 32 pivots + 20 sigma + 20 x 3 fingerprint + JSON header
     tensors, meta = read(path)
     assert {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()} == {
         "loldu.z": (torch.float32, (640,)), "loldu.sigma": (torch.float32, (20,)),
-        "loldu.fingerprint": (torch.float32, (20, 3))}
+        "loldu.pivots": (torch.int16, (640,)), "loldu.fingerprint": (torch.float32, (20, 3))}
     assert meta["format"] == "loldu" and meta["format_version"] == str(loldu_sd.io.FORMAT_VERSION)
     assert meta["adapter_name"] == "default"
     assert LoLDUConfig.from_dict(json.loads(meta["config"])) == cfg
@@ -175,7 +266,8 @@ def _edit_rank(tensors, meta):
     assert layers[""][1] == ["blocks.0.attn.to_k", 4]
     layers[""][1][1] = 3
     meta["layers"] = json.dumps(layers)
-    tensors["loldu.z"] = torch.cat([tensors["loldu.z"][:7], tensors["loldu.z"][8:]])
+    for key in ("loldu.z", "loldu.pivots"):
+        tensors[key] = torch.cat([tensors[key][:7], tensors[key][8:]])
 
 
 def make_bad_file(case: str, tmp, src):
@@ -198,6 +290,10 @@ def make_bad_file(case: str, tmp, src):
         path.write_bytes(b"")
     elif case == "rank_mismatch":
         rewrite(src, path, _edit_rank)
+    elif case == "bad_pivots":
+        rewrite(src, path, lambda t, m: t["loldu.pivots"].__setitem__(0, 999))
+    elif case == "no_pivots":
+        rewrite(src, path, lambda t, m: t.pop("loldu.pivots"))
     elif case == "layers_vs_tensors":  # layer list edited alone: z no longer matches it
         rewrite(src, path, lambda t, m: m.update(layers=m["layers"].replace("4]", "5]", 1)))
     elif case == "bad_metadata_json":
@@ -227,6 +323,8 @@ BAD_FILES = {  # case: (error, words its message must hold)
     "garbage": (LoLDUFormatError, ["safetensors"]),
     "empty": (LoLDUFormatError, ["safetensors"]),
     "rank_mismatch": (LoLDUFormatError, ["rank mismatch at blocks.0.attn.to_k", "file has 3"]),
+    "bad_pivots": (LoLDUFormatError, ["corrupted pivot order", "blocks.0.attn.to_q"]),
+    "no_pivots": (LoLDUFormatError, ["corrupted", "do not match its layer list"]),
     "layers_vs_tensors": (LoLDUFormatError, ["corrupted"]),
     "bad_metadata_json": (LoLDUFormatError, ["corrupted LoLDU metadata"]),
     "target_missing": (LoLDUFormatError, ["target layer blocks.1.attn.to_x does not exist"]),

@@ -20,7 +20,7 @@ from safetensors import safe_open
 pytest.importorskip("diffusers")
 import loldu_sd.diffusers  # noqa: E402,F401  (pipe.load_loldu_weights)
 from loldu_sd import training  # noqa: E402
-from loldu_sd.testing import save_tiny_pipeline, tiny_pipeline  # noqa: E402
+from loldu_sd.testing import save_tiny_pipeline, tiny_pipeline, update_errors  # noqa: E402
 from loldu_sd.training import TrainingCallbacks, TrainingError, parse_args, train_dreambooth  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def test_accelerate_launch_end_to_end(tiny_sd, tmp_path):
 
     weights = out / "pytorch_loldu_weights.safetensors"
     t, meta = tensors(weights)
-    assert set(t) == {"unet.loldu.z", "unet.loldu.sigma", "unet.loldu.fingerprint"}
+    assert set(t) == {"unet.loldu.z", "unet.loldu.sigma", "unet.loldu.pivots", "unet.loldu.fingerprint"}
     assert meta["format"] == "loldu" and meta["base_model"] == str(tiny_sd) and meta["instance_prompt"] == PROMPT
     assert json.loads(meta["config"])["rank"] == 32 and meta["training_steps"] == "4"
     size_kb = weights.stat().st_size / 1024
@@ -138,7 +138,7 @@ def test_text_encoder_with_gradient_checkpointing_is_trained_saved_and_validated
 
 def test_resume_after_2_steps_equals_4_straight_steps(tiny_sd, tmp_path):
     extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip", "--train_batch_size", "2",
-             "--learning_rate", "5e-3", "--lr_warmup_steps", "3")
+             "--learning_rate", "5e-3", "--lr_warmup_steps", "3", "--train_text_encoder")  # text_model.* names too
     steps = []
     first = train(tiny_sd, tmp_path / "a", *extra, callbacks=TrainingCallbacks(
         on_step=lambda s, loss: steps.append(s), should_stop=lambda: len(steps) >= 2))
@@ -189,9 +189,9 @@ def test_adapter_learns_the_concept(tiny_sd, tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_sd, tmp_path, monkeypatch):
     calls, real = [], training.loss.denoising_loss
 
-    def loss_nan_at_step_3(pred, target):
+    def loss_nan_at_step_3(pred, target, weights=None):
         calls.append(1)
-        return real(pred, target) * (float("nan") if len(calls) == 3 else 1.0)
+        return real(pred, target, weights) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(training.loss, "denoising_loss", loss_nan_at_step_3)
     out = tmp_path / "out"
@@ -239,3 +239,40 @@ def test_cancel_before_the_first_step_saves_nothing_and_bf16_on_cpu_trains(tiny_
     assert [s for s, _ in seen] == [1, 2] and all(loss == loss for _, loss in seen)
     t, _ = tensors(result.adapter_path)
     assert t["unet.loldu.z"].dtype == torch.float32
+
+
+def test_bf16_trained_adapter_loads_on_fp32_and_fp16_pipelines(tiny_sd, tmp_path):
+    result = train(tiny_sd, tmp_path / "bf16", "--mixed_precision", "bf16", "--max_train_steps", "2",
+                   "--train_text_encoder", "--learning_rate", "5e-2")
+    made = tiny_pipeline(seed=0).to(dtype=torch.bfloat16)  # the precision the factors were made in
+    made.load_loldu_weights(result.adapter_path)
+    for dtype in (torch.float32, torch.float16):
+        pipe = tiny_pipeline(seed=0).to(dtype=dtype)
+        pipe.load_loldu_weights(result.adapter_path)
+        for comp in ("unet", "text_encoder"):
+            errors = update_errors(getattr(made, comp), getattr(pipe, comp))
+            assert len(errors) > 0 and max(errors.values()) <= 16 * 2.0**-8, (dtype, comp, max(errors.values()))
+
+
+def test_loss_options_train_and_change_the_losses(tiny_sd, tmp_path):
+    common = ("--max_train_steps", "2", "--train_text_encoder")
+    plain = train(tiny_sd, tmp_path / "plain", *common)
+    tuned = train(tiny_sd, tmp_path / "tuned", *common, "--snr_gamma", "5", "--noise_offset", "0.05",
+                  "--text_encoder_use_attention_mask")
+    assert tuned.steps == 2 and tuned.adapter_path.exists()
+    assert all(loss == loss for _, loss in tuned.losses) and tuned.losses != plain.losses
+
+
+def test_sdxl_trains_both_text_encoders_saves_and_loads_into_a_fresh_pipeline(tmp_path):
+    from loldu_sd.testing import tiny_sdxl_pipeline
+
+    base_dir = save_tiny_pipeline(tmp_path / "tiny-sdxl", seed=0, sdxl=True)
+    result = train(base_dir, tmp_path / "out", "--max_train_steps", "2", "--train_text_encoder",
+                   "--learning_rate", "5e-2", "--num_validation_images", "1", "--validation_steps", "1")
+    t, _ = tensors(result.adapter_path)
+    assert {k.split(".")[0] for k in t} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(loss == loss for _, loss in result.losses) and len(result.images) == 1
+    pipe = tiny_sdxl_pipeline(seed=0)
+    base = generate(pipe)
+    assert pipe.load_loldu_weights(result.adapter_path) == "default"
+    assert not torch.allclose(generate(pipe), base, atol=1e-4)

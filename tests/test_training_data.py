@@ -202,6 +202,19 @@ def test_dataset_sample_n_is_the_same_everywhere_and_streams_shard_the_global_ba
     assert one == [6, 7, 8, 9] and two == [[6, 8], [7, 9]]
 
 
+def test_samples_carry_sdxl_size_conditioning_of_their_crop():
+    image = Image.new("RGB", (160, 100))  # resized to 102 x 64, then cropped to 64 x 64
+    image.paste((255, 0, 0), (0, 0, 160, 100))
+    for center in (True, False):
+        ds = DreamBoothDataset([image], 64, seed=1, center_crop=center, class_images=[image])
+        for n in range(4):
+            h, w, top, left, th, tw = ds[n]["instance_time_ids"].tolist()
+            assert (h, w, th, tw, top) == (100, 160, 64, 64, 0) and 0 <= left <= 102 - 64
+            assert ds[n]["class_time_ids"].shape == (6,)
+        if center:
+            assert left == (102 - 64) // 2
+
+
 def test_sample_seed_streams_are_independent():
     seeds = {training.sample_seed(42, s, 0, n) for s in range(3) for n in range(100)}
     assert len(seeds) == 300 and training.sample_seed(42, 1, 0, 7) == training.sample_seed(42, 1, 0, 7)

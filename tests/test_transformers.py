@@ -1,4 +1,5 @@
 """transformers integration: presets on tiny RoBERTa/ViT/LLaMA/CLIP-text, heads, adapter files, real MiniLM weights."""
+import json
 import os
 
 import pytest
@@ -9,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import loldu_sd  # noqa: E402
 from loldu_sd import LoLDUBaseMismatchError, LoLDUFormatError, loldu_parameters, project_loldu_  # noqa: E402
+from loldu_sd.testing import update_errors  # noqa: E402
 from loldu_sd.transformers import (  # noqa: E402
     add_loldu_to_transformer,
     find_heads,
@@ -191,6 +193,25 @@ def test_minilm_identity_fp32_bf16_and_exact_count(minilm):
         assert torch.equal(model(**batch).last_hidden_state.detach(), base), dtype  # training path too
 
 
+@pytest.mark.slow
+def test_minilm_rank_384_adapter_made_in_one_precision_loads_in_every_precision(minilm, tmp_path):
+    path, _, _ = minilm
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for made_dtype in dtypes:
+        src = load_minilm(path, made_dtype)
+        add_loldu_to_transformer(src, "bert", rank=384)  # full rank: the LU's conditioning amplifies rounding most
+        with torch.no_grad():
+            for p in loldu_parameters(src):
+                p.mul_(1 + 0.3 * torch.randn(p.shape))
+        file = loldu_sd.save_loldu(tmp_path / f"{made_dtype}.safetensors", src)
+        for loaded_dtype in dtypes:
+            copy_ = load_minilm(path, loaded_dtype)
+            loldu_sd.load_loldu(file, copy_)
+            u = max(torch.finfo(d).eps / 2 for d in (made_dtype, loaded_dtype))
+            worst = max(update_errors(src, copy_).values())
+            assert worst <= 64 * u, (made_dtype, loaded_dtype, worst / u)
+
+
 def sentence_loss(model, head, batch, labels):
     hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -230,3 +251,22 @@ def test_minilm_short_fine_tune_lowers_loss_like_lora(minilm):
     lora = fine_tune(lora_model, head, batch, labels, [p for p in lora_model.parameters() if p.requires_grad], 1e-2)
     assert lora[-1] < 0.8 * lora[0], lora
     assert loldu[0] == pytest.approx(lora[0], rel=1e-5)  # both start from the same pretrained function
+
+
+def test_clip_text_adapter_files_use_checkpoint_layer_names(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_clip_text()
+    add_loldu_to_transformer(model, "clip-text", rank=4)
+    with torch.no_grad():
+        for p in loldu_parameters(model):
+            p.mul_(1.5)
+        ref = model(input_ids=TOKENS).last_hidden_state
+    path = save_transformer_adapter(tmp_path / "clip.safetensors", model)
+    with safe_open(str(path), "pt") as f:
+        names = [n for n, _ in json.loads(f.metadata()["layers"])[""]]
+    assert names and all(n.startswith("text_model.encoder.layers.") for n in names)  # whatever transformers calls them
+    fresh = tiny_clip_text()
+    load_transformer_adapter(path, fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=TOKENS).last_hidden_state, ref)

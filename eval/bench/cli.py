@@ -16,7 +16,7 @@ import torch
 from . import __doc__ as package_doc
 from .injection import bench_injection, bench_llama  # noqa: F401  (main calls them as globals()[f"bench_{section}"])
 from .report import targets
-from .sd import bench_sd
+from .sd import bench_files_section, bench_sd
 from .timing import log
 from .worker import run_worker
 
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="kept rounds after one warm-up round (smoke: at most 2)")
     p.add_argument("--out", default="bench_results.json", help="JSON output path")
-    p.add_argument("--only", choices=["injection", "llama", "sd"], help="run one section (targets use what ran)")
+    p.add_argument("--only", choices=["injection", "llama", "sd", "files"],
+                   help="run one section (targets use what ran); files: adapter files and pipeline load of section sd")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--unet-dir", help=argparse.SUPPRESS)
@@ -76,7 +77,10 @@ def main(argv=None) -> dict | None:
     try:
         for section in [args.only] if args.only else ["injection", "llama", "sd"]:
             log(f"section {section} ...")
-            res[section] = bench_sd(args, tmp) if section == "sd" else globals()[f"bench_{section}"](args)
+            if section in ("sd", "files"):
+                res["sd"] = (bench_sd if section == "sd" else bench_files_section)(args, tmp)
+            else:
+                res[section] = globals()[f"bench_{section}"](args)
             out.write_text(json.dumps(res, indent=1))  # partial results survive a later crash
         res["targets"] = targets(res, args.smoke)
     finally:

@@ -6,8 +6,9 @@ from torch import nn
 
 import loldu_sd
 from loldu_sd import LoLDUConfig, top_r_ldu
+from loldu_sd.decompose import lapack_threads
 
-from .timing import clock, fmt, paired, rounds, summary, table
+from .timing import busy_cores, clock, fmt, paired, rounds, summary, table
 
 SD15_SHAPES = [(320, 320, 30), (320, 768, 10), (640, 640, 30), (640, 768, 10), (1280, 1280, 36), (1280, 768, 12)]
 
@@ -28,7 +29,7 @@ def bench_injection(args) -> dict:
 
     def ours(r):
         c = cfgs[r]
-        return lambda: [top_r_ldu(w, r, c.factor_dtype, c.canonical_dtype, c.pivot_eps) for w in weights]
+        return lambda: [top_r_ldu(w, r, c.factor_dtype, c.pivot_eps) for w in weights]
 
     def add():
         loldu_sd.add_loldu(layers, cfgs[32])
@@ -44,6 +45,7 @@ def bench_injection(args) -> dict:
     res = {"n_layers": len(weights), "n_params": sum(w.numel() for w in weights),
            "shapes": [[o, i, c] for o, i, c in shapes], "times": {k: summary(v) for k, v in times.items()},
            "speedup_vs_full_lu": {k: paired(times["full_lu"], v) for k, v in times.items() if k != "full_lu"}}
+    res["load_threads"] = bench_load_threads(weights, args)
     rows = [["full `torch.linalg.lu` (reference)", fmt(res["times"]["full_lu"]), "1×"]]
     for k in times:
         if k != "full_lu":
@@ -53,6 +55,34 @@ def bench_injection(args) -> dict:
     print(f"\n### Injection: {len(weights)} SD1.5 attention projections ({res['n_params'] / 1e6:.1f} M params"
           f"{', shapes ÷10 for smoke' if args.smoke else ''}), {args.device}\n")
     print(table(["method", f"time for all {len(weights)}", "faster than full LU"], rows))
+    return res
+
+
+def bench_load_threads(weights: list[torch.Tensor], args) -> dict:
+    """What load_loldu factorises (r=32, the file's pivot order forced onto a bf16 copy) on a quiet and a busy
+    machine, with torch's default thread count and with one thread (what add_loldu/load_loldu use)."""
+    dev = torch.device(args.device)
+    made = [top_r_ldu(w, 32 if min(w.shape) >= 32 else min(w.shape)) for w in weights]
+    copies = [w.bfloat16() for w in weights]
+    default = torch.get_num_threads()
+
+    def load(threads):
+        def run():
+            with lapack_threads(threads):
+                [top_r_ldu(w, f.pivots.numel(), pivots=f.pivots) for w, f in zip(copies, made)]
+        return run
+
+    def task():
+        return {f"{threads}_threads": clock(load(threads), dev) for threads in sorted({default, 1})}
+
+    res = {"quiet": {k: summary(v) for k, v in rounds(task, args.repeats).items()}}
+    with busy_cores() as n:
+        res["busy"] = {k: summary(v) for k, v in rounds(task, args.repeats).items()}
+    res["busy_processes"] = n
+    rows = [[f"{load}, {k.replace('_', ' ')}", fmt(res[load][k])] for load in ("quiet", "busy") for k in res[load]]
+    print(f"\n### Load-time factorisation: the {len(weights)} projections, r=32, file pivots forced onto bf16 copies"
+          f" (busy: {n} spinning processes started by the benchmark)\n")
+    print(table(["machine, torch threads", f"time for all {len(weights)}"], rows))
     return res
 
 

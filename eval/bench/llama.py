@@ -46,17 +46,17 @@ def llama_injection_benchmark(n_matrices: int = LLAMA_7B_MATRICES, size: int = 4
     ldu_times, lu_times, err = [], [], None
     # warm-up on a small matrix: the first LAPACK/cuSOLVER call pays one-off set-up costs
     warm = torch.randn(128, 128, generator=gen, device=device)
-    top_r_ldu(warm, 32, cfg.factor_dtype, cfg.canonical_dtype)
+    top_r_ldu(warm, 32, cfg.factor_dtype)
     torch.linalg.lu(warm)
     for i in range(n_matrices):
         w = torch.randn(size, size, generator=gen, device=device) * size ** -0.5  # made on the fly, then dropped
         for _ in range(repeats):  # _timed calls each lambda at once, before `del w` (B023/F821 do not apply)
             ldu_times.append(_timed(
-                lambda: top_r_ldu(w, rank, cfg.factor_dtype, cfg.canonical_dtype), device))  # noqa: B023, F821
+                lambda: top_r_ldu(w, rank, cfg.factor_dtype), device))  # noqa: B023, F821
             if full_lu:
                 lu_times.append(_timed(lambda: torch.linalg.lu(w), device))  # noqa: B023, F821
         if i == 0 and full_lu:  # correctness on the first matrix: top-r pivots equal the full LU's leading pivots
-            f = top_r_ldu(w, rank, cfg.factor_dtype, canonical_dtype=None)
+            f = top_r_ldu(w, rank, cfg.factor_dtype)
             _, _, U = torch.linalg.lu(w)
             err = float((f.z0 - U.diagonal()[:rank]).abs().max())
         del w

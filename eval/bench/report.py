@@ -18,7 +18,7 @@ def _mb(st: dict | None) -> str:
 
 def print_sd(res: dict, args) -> None:
     """The SD tables: training, inference, pipeline, file format."""
-    tr, rd, files, pl = res["train"], res["rounds"], res["files"], res["pipeline"]
+    tr, rd, files = res["train"], res["rounds"], res["files"]
     floor = next((w for w in tr.values() if "floor_step" in w), {})
     what = "tiny UNet of loldu_sd.testing.tiny_pipeline" if args.smoke else "SD1.5-architecture UNet"
     print(f"\n### {what} ({res['unet_params'] / 1e6:.0f} M params, random weights), "
@@ -52,8 +52,16 @@ def print_sd(res: dict, args) -> None:
                  "1st call after inject vs base"], rows))
     print(f"\n(fuse/unfuse on the UNet: merge_loldu/unmerge_loldu, unet.fuse_lora/unfuse_lora; the LoLDU "
           f"scale hooks cost {fmt(rd['scale_hook_s'], 'ms', 1e3)} per UNet call)\n")
+    print_files(res)
+
+
+def print_files(res: dict) -> None:
+    """The pipeline load/switch table and the file-layout table."""
+    files, pl = res["files"], res["pipeline"]
+    print(f"\nfiles: LoLDU r=32 {files['ours:32']['bytes']:,} B, peft LoRA r=4 {files['lora:4']['bytes']:,} B\n")
     rows = [["LoLDU (ours) r=32: `pipe.load_loldu_weights`", fmt(pl["load"]["ours:32"]), fmt(pl["load_ratio"], "×"),
              "`pipe.set_loldu_adapters`", fmt(pl["switch"]["ours:32"], "ms", 1e3)],
+            ["LoLDU (ours) r=32 on a busy machine (every core spinning)", fmt(pl["load_busy"]["ours:32"]), "", "", ""],
             ["peft LoRA r=4: `pipe.load_lora_weights`", fmt(pl["load"]["lora:4"]), "1×", "`pipe.set_adapters`",
              fmt(pl["switch"]["lora:4"], "ms", 1e3)]]
     print(table(["load into the pipeline", "time", "vs LoRA", "switch between two loaded adapters", "time"], rows))

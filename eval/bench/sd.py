@@ -12,7 +12,7 @@ import loldu_sd.diffusers
 
 from .files import bench_files, bench_pipeline
 from .methods import FUSED_IN_ROUNDS, SD_METHODS, TARGETS, Method, count
-from .report import print_sd
+from .report import print_files, print_sd
 from .timing import clock, log, paired, rounds, summary
 from .worker import spawn_worker, workload
 
@@ -119,4 +119,16 @@ def bench_sd(args, tmp: Path) -> dict:
     for f in res["files"].values():
         f.pop("path", None)
     print_sd(res, args)
+    return res
+
+
+def bench_files_section(args, tmp: Path) -> dict:
+    """Adapter files and pipeline load/switch only (no training workers): what a file-format change affects."""
+    pipe, _ = build_pipeline(args)
+    pipe.to(torch.device(args.device))
+    res = {"files": bench_files(pipe, tmp, args)}
+    res["pipeline"] = bench_pipeline(pipe, res["files"], tmp, args)
+    for f in res["files"].values():
+        f.pop("path", None)
+    print_files(res)
     return res

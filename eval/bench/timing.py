@@ -1,8 +1,11 @@
 """Timing and formatting: interleaved rounds, medians and paired ratios, markdown tables, peak memory, progress log."""
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -67,3 +70,18 @@ def peak_bytes(device: torch.device) -> int:
 def log(msg: str) -> None:
     """Progress on stderr (stdout carries the tables)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def busy_cores(n: int | None = None):
+    """Keep `n` cores (default: all) busy with spinning processes of our own while the block runs."""
+    n = n or os.cpu_count() or 1
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5)  # let them reach their loop
+        yield n
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()

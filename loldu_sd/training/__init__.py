@@ -1,9 +1,11 @@
 """DreamBooth training of a LoLDU adapter: the logic behind train_dreambooth_loldu.py and the studio's Train tab.
 
     args.py         flags and every check that needs no model
+    base.py         which base pipelines can be trained (read from their configs)
     data.py         images, the seeded dataset and sample stream, class images
     models.py       frozen base models + trainable adapters, the accelerator
-    loss.py         the denoising objective
+    conditioning.py what the UNet is conditioned on: SD's text encoder, or SDXL's two plus pooled embeds and time ids
+    loss.py         the denoising objective and its options (Min-SNR, offset noise, attention mask)
     checkpoints.py  atomic, resumable checkpoint-N folders
     loop.py         train_dreambooth: the optimizer-step loop
     outputs.py      samples, loss plot, model card, Hub upload

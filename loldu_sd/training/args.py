@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_train_epochs", type=int, default=None, help="Epochs, used when --max_train_steps is not given.")
     a("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     a("--seed", type=int, default=42, help="Seed of everything random (paper: 42).")
+    a("--snr_gamma", type=float, default=None,
+      help="Min-SNR loss weighting with this gamma (diffusers recommends 5.0); default: plain MSE.")
+    a("--noise_offset", type=float, default=0.0, help="Offset noise scale (e.g. 0.05-0.1: darker darks, brighter "
+                                                      "brights); 0: off.")
+    a("--text_encoder_use_attention_mask", action="store_true",
+      help="Pass the prompt's attention mask to the text encoder (padding masked out).")
     a = p.add_argument_group("memory and speed").add_argument
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
       help="Frozen weights in fp16/bf16, trainable z/sigma in fp32 (default: accelerate's config). CPU: bf16 only.")
@@ -142,6 +148,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "prior_loss_weight", "adam_weight_decay", "max_grad_norm", "adam_epsilon"):
         need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
     need(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
+    need(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    need(args.noise_offset >= 0, f"--noise_offset must be >= 0, got {args.noise_offset}")
     need(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must lie in [0, 1)")
     need(args.resolution >= 8 and args.resolution % 8 == 0,
          f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")

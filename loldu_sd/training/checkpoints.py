@@ -14,6 +14,7 @@ import torch
 
 from ..config import LoLDUConfig
 from ..io import layer_values, loldu_state_dict, read_adapter_file
+from ..naming import checkpoint_prefixes
 from ..model import loldu_layers
 from .errors import TrainingInputError
 
@@ -91,7 +92,7 @@ def load_adapter_values_(path: str | Path, components: dict[str, torch.nn.Module
                          adapter_name: str = "default") -> None:
     """Copy z and sigma from an adapter file into the adapter being trained (resume); the layout must match."""
     tensors, meta = read_adapter_file(path)
-    _, layers = loldu_state_dict(components, adapter_name)
+    _, layers = loldu_state_dict(components, adapter_name, checkpoint_prefixes(components))  # names as saved
     if json.loads(meta["layers"]) != layers or LoLDUConfig.from_dict(json.loads(meta["config"])) != config:
         raise TrainingInputError(f"{path}: this checkpoint was trained with other LoLDU flags (--rank, --alpha, "
                                  "--target_modules, --train_text_encoder ...); resume with the same flags")

@@ -83,22 +83,26 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     Sample n is image perm_e[n mod N] of epoch e = n // N (perm_e seeded by (seed, e)), with its crop and flip drawn
     from (seed, n): the same on every process and after every resume. len() is one epoch, as in diffusers.
+    Each image also comes with SDXL's size conditioning: (original height, width, crop top, left, size, size).
     """
 
     def __init__(self, instance_images: Sequence[Image.Image], size: int, seed: int, center_crop: bool = False,
                  random_flip: bool = False, class_images: Sequence[Image.Image] | None = None):
         self.size, self.seed, self.center_crop, self.random_flip = size, seed, center_crop, random_flip
-        self.instance = [resize_shorter(im, size) for im in instance_images]
-        self.classes = [resize_shorter(im, size) for im in class_images or []]
+        self.instance = [(resize_shorter(im, size), (im.height, im.width)) for im in instance_images]
+        self.classes = [(resize_shorter(im, size), (im.height, im.width)) for im in class_images or []]
 
     def __len__(self) -> int:
         return max(len(self.instance), len(self.classes))
 
-    def _pick(self, pool: list[Image.Image], n: int, stream: int) -> Image.Image:
+    def _pick(self, pool: list, n: int, stream: int) -> tuple[Image.Image, tuple[int, int]]:
         epoch, i = divmod(n, len(pool))
         return pool[int(torch.randperm(len(pool), generator=seeded_generator(self.seed, stream, 1, epoch))[i])]
 
-    def _augment(self, image: Image.Image, g: torch.Generator) -> torch.Tensor:
+    def _augment(self, picked: tuple[Image.Image, tuple[int, int]], g: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels, SDXL time ids) of one resized image and its original (height, width)."""
+        image, original = picked
         s, (w, h) = self.size, image.size
         if self.center_crop:
             left, top = (w - s) // 2, (h - s) // 2
@@ -107,14 +111,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         image = image.crop((left, top, left + s, top + s))
         if self.random_flip and float(torch.rand(1, generator=g)) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+        return to_tensor(image), torch.tensor([*original, top, left, s, s], dtype=torch.float32)
 
     def __getitem__(self, n: int) -> dict[str, torch.Tensor | int]:
-        example = {"index": n, "instance": self._augment(self._pick(self.instance, n, DATA),
-                                                         seeded_generator(self.seed, DATA, 0, n))}
+        example = {"index": n}
+        example["instance"], example["instance_time_ids"] = self._augment(self._pick(self.instance, n, DATA),
+                                                                          seeded_generator(self.seed, DATA, 0, n))
         if self.classes:
-            example["class"] = self._augment(self._pick(self.classes, n, CLASS_DATA),
-                                             seeded_generator(self.seed, CLASS_DATA, 0, n))
+            example["class"], example["class_time_ids"] = self._augment(
+                self._pick(self.classes, n, CLASS_DATA), seeded_generator(self.seed, CLASS_DATA, 0, n))
         return example
 
 

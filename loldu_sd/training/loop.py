@@ -15,13 +15,15 @@ from PIL import Image
 
 from ..model import loldu_parameters, project_loldu_
 from .args import check_args, loldu_config, preflight, resolve_max_train_steps
+from .base import check_trainable_base
 from .checkpoints import (STATE_NAME, clean_interrupted_saves, load_adapter_values_, rank_digests, resolve_checkpoint,
                           save_checkpoint)
 from .class_images import class_images_for
+from .conditioning import Conditioner
 from .data import CLASS_NOISE, NOISE, DreamBoothDataset, SampleStream, load_images
 from .errors import TrainingError, TrainingInputError
-from .loss import diffusion_loss, encode_prompt
-from .models import generate_samples, make_accelerator, models_with_adapters, pipeline_from_args
+from .loss import diffusion_loss
+from .models import generate_samples, make_accelerator, models_with_adapters, pipeline_components, pipeline_from_args
 from .outputs import create_hub_repo, final_outputs, log_images, tracker_config
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def train_dreambooth(args: argparse.Namespace, callbacks: TrainingCallbacks | No
     check_args(args)
     preflight(args)
     instance, notes = load_images(args.instance_data_dir, args.resolution, "instance")
+    check_trainable_base(args)
     if args.with_prior_preservation:
         class_dir = Path(args.class_data_dir)
         if class_dir.exists() and not class_dir.is_dir():
@@ -174,7 +177,8 @@ class _Run:
             self.last_checkpoint = self.resume
             if self.main:
                 logger.info("resumed from %s at step %d", self.resume, self.global_step)
-        self._encode_frozen_prompts()
+        self.conditioner = Conditioner(self.m, self.trained, args.text_encoder_use_attention_mask, accelerator.device,
+                                       self.weight_dtype)
         world, accum, bs = accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
         sampler = SampleStream(self.global_step * accum, world, accelerator.process_index, bs)
         self.data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=bs, sampler=sampler,
@@ -187,31 +191,18 @@ class _Run:
         self.progress = tqdm(total=self.max_steps, initial=self.global_step, desc="Steps",
                              disable=not accelerator.is_local_main_process)
 
-    def _encode_frozen_prompts(self) -> None:
-        """A frozen text encoder gives the same embeddings every step: encode the two prompts once."""
-        self.instance_embeds = self.class_embeds = None
-        if not self.args.train_text_encoder:
-            m, args = self.m, self.args
-            with torch.no_grad():
-                self.instance_embeds = encode_prompt(m.text_encoder, m.tokenizer, [args.instance_prompt])
-                if self.class_images:
-                    self.class_embeds = encode_prompt(m.text_encoder, m.tokenizer, [args.class_prompt])
-
     def batch_loss(self, batch) -> torch.Tensor:
         """Diffusion loss of one micro-batch (instance and class samples in one forward pass, as diffusers does)."""
         args, n = self.args, len(batch["index"])
         idx = batch["index"].tolist()
         pixels, streams, prompts = batch["instance"], [(NOISE, idx)], [args.instance_prompt] * n
+        time_ids = batch["instance_time_ids"]
         if self.class_images:
             pixels, streams = torch.cat([pixels, batch["class"]]), streams + [(CLASS_NOISE, idx)]
-            prompts += [args.class_prompt] * n
-        if args.train_text_encoder:
-            embeds = encode_prompt(self.trained["text_encoder"], self.m.tokenizer, prompts, self.accelerator.device)
-        else:
-            embeds = torch.cat([self.instance_embeds.expand(n, -1, -1)]
-                               + ([self.class_embeds.expand(n, -1, -1)] if self.class_images else []))
-        parts = diffusion_loss(self.trained["unet"], self.m.vae, self.m.scheduler,
-                               pixels.to(self.accelerator.device), embeds, args.seed, streams)
+            prompts, time_ids = prompts + [args.class_prompt] * n, torch.cat([time_ids, batch["class_time_ids"]])
+        embeds, unet_kwargs = self.conditioner(prompts, time_ids)
+        parts = diffusion_loss(self.trained["unet"], self.m.vae, self.m.scheduler, pixels.to(self.accelerator.device),
+                               embeds, args.seed, streams, args.snr_gamma, args.noise_offset, unet_kwargs)
         return parts[0] + args.prior_loss_weight * parts[1] if self.class_images else parts[0]
 
     def step(self) -> float:
@@ -278,9 +269,7 @@ class _Run:
     def validate(self) -> None:
         """Sample validation images with the adapter being trained."""
         unwrap, m = self.accelerator.unwrap_model, self.m
-        pipe = pipeline_from_args(self.args, unet=unwrap(self.trained["unet"]), vae=m.vae,
-                                  text_encoder=unwrap(self.trained.get("text_encoder", m.text_encoder)),
-                                  tokenizer=m.tokenizer)
+        pipe = pipeline_from_args(self.args, **pipeline_components(m, self.trained, unwrap))
         images = generate_samples(pipe, self.args)
         del pipe
         log_images(self.accelerator, "validation", images, self.global_step)
@@ -313,6 +302,7 @@ class _Run:
         for hook in self.hooks:  # they hold the training models: let those go before the fresh pipeline loads
             hook.remove()
         self.optimizer = self.prepared = self.trained = self.components = self.m = self.params = None
+        self.conditioner = None
         self.data = None
         accelerator.free_memory()
         if self.main:

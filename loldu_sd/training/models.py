@@ -11,6 +11,8 @@ from PIL import Image
 from ..model import cast_loldu_parameters
 from .args import loldu_config
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
 
 def diffusers_dtype(dtype: torch.dtype) -> dict:
     """The from_pretrained keyword for `dtype` ({} for fp32): diffusers >= 0.36 renamed torch_dtype to dtype."""
@@ -29,21 +31,32 @@ def no_safety_checker(args: argparse.Namespace) -> dict:
     return {"safety_checker": None} if "safety_checker" in config else {}
 
 
+def _text_encoder(args: argparse.Namespace, subfolder: str):
+    """The text encoder in `subfolder` of the base, as the class its config names."""
+    import transformers
+
+    path, hub = args.pretrained_model_name_or_path, {"revision": args.revision}
+    arch = transformers.AutoConfig.from_pretrained(path, subfolder=subfolder, **hub).architectures[0]
+    return getattr(transformers, arch).from_pretrained(path, subfolder=subfolder, variant=args.variant, **hub)
+
+
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """Tokenizer, text encoder, VAE, UNet (frozen, on `device` in `dtype`) and the DDPM training scheduler."""
+    """Tokenizer(s), text encoder(s) (two for SDXL), VAE, UNet (frozen, on `device` in `dtype`) and the DDPM
+    training scheduler."""
     from types import SimpleNamespace
 
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     path, hub = args.pretrained_model_name_or_path, {"revision": args.revision}
     if args.tokenizer_name:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name, **hub)
     else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
-    arch = transformers.AutoConfig.from_pretrained(path, subfolder="text_encoder", **hub).architectures[0]
-    text_encoder = getattr(transformers, arch).from_pretrained(path, subfolder="text_encoder", variant=args.variant,
-                                                               **hub)
+    text_encoder, tokenizer_2, text_encoder_2 = _text_encoder(args, "text_encoder"), None, None
+    if (DiffusionPipeline.load_config(path, **hub).get("text_encoder_2") or [None])[0] is not None:  # SDXL
+        tokenizer_2 = transformers.AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub)
+        text_encoder_2 = _text_encoder(args, "text_encoder_2").to(dtype=dtype)
     cast = diffusers_dtype(dtype)  # frozen weights in the mixed-precision dtype
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **cast)
@@ -51,10 +64,27 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **hub, **cast)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **hub, **cast)
     text_encoder.to(dtype=dtype)
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False).to(device)
+    for model in (text_encoder, text_encoder_2, vae, unet):
+        if model is not None:
+            model.requires_grad_(False).to(device)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub)
-    return SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+    return SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
+                           text_encoder_2=text_encoder_2, vae=vae, unet=unet, scheduler=scheduler)
+
+
+def text_encoder_names(models) -> list[str]:
+    """The text encoders the loaded base has: text_encoder, and text_encoder_2 for SDXL."""
+    return [name for name in TEXT_ENCODERS if getattr(models, name, None) is not None]
+
+
+def pipeline_components(m, trained: dict, unwrap) -> dict:
+    """Pipeline components of the run: the trained UNet and text encoder(s) (unwrapped) and the frozen rest."""
+    comps = {"unet": unwrap(trained["unet"]), "vae": m.vae, "tokenizer": m.tokenizer}
+    for name in text_encoder_names(m):
+        comps[name] = unwrap(trained.get(name, getattr(m, name)))
+    if m.tokenizer_2 is not None:
+        comps["tokenizer_2"] = m.tokenizer_2
+    return comps
 
 
 def pipeline_from_args(args: argparse.Namespace, **components):
@@ -97,20 +127,22 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
     m = load_models(args, accelerator.device, weight_dtype)
     config = loldu_config(args)
     components = {"unet": add_loldu_to_unet(m.unet, config)}
-    if args.train_text_encoder:
-        components["text_encoder"] = add_loldu_to_text_encoder(m.text_encoder, config)
+    if args.train_text_encoder:  # every text encoder: SDXL's two, as diffusers' SDXL script does
+        for name in text_encoder_names(m):
+            components[name] = add_loldu_to_text_encoder(getattr(m, name), config)
     for module in components.values():
         cast_loldu_parameters(module, torch.float32)
     if args.enable_xformers_memory_efficient_attention:
         m.unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            kw = {"use_reentrant": False}  # reentrant checkpointing drops the grads of frozen-input blocks
-            if hasattr(m.text_encoder, "activation_checkpointing_enable"):  # transformers >= 5 name
-                m.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        kw = {"use_reentrant": False}  # reentrant checkpointing drops the grads of frozen-input blocks
+        for name in text_encoder_names(m) if args.train_text_encoder else []:
+            encoder = getattr(m, name)
+            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5 name
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
-                m.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return m, components, weight_dtype
