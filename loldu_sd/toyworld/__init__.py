@@ -26,10 +26,13 @@ TRAIN_STEPS = 400
 SAMPLE_CONCEPT = "star"
 
 
+MARKER = "toyworld.json"  # written by the pretraining export into the pipeline folder
+
+
 def is_toyworld(pretrained_model_name_or_path) -> bool:
-    """True when the path is the embedded toy-world pipeline (its settings differ from Stable Diffusion's)."""
+    """True when the path is a toy-world pipeline folder (its settings differ from Stable Diffusion's)."""
     try:
-        return Path(pretrained_model_name_or_path).resolve() == PIPELINE_DIR.resolve()
+        return (Path(pretrained_model_name_or_path) / MARKER).is_file()
     except (OSError, TypeError):
         return False
 

@@ -193,6 +193,7 @@ def train_judges(out: Path, steps: int, seed: int, batch: int = 48) -> Judges:
 
         _train_loop(instance, steps, instance_loss, out / "judge_instance_loss.jsonl")
         _save(instance, folder / INSTANCE_FILE)
+        _record(folder, "instance_encoder", steps=steps, seed=seed, batch=batch)
     if not (folder / IMAGE_TEXT_FILE).is_file():
         torch.manual_seed(seed + 1)
         image_text = new_image_text(tokenizer)
@@ -210,5 +211,13 @@ def train_judges(out: Path, steps: int, seed: int, batch: int = 48) -> Judges:
 
         _train_loop(image_text, steps, image_text_loss, out / "judge_image_text_loss.jsonl")
         _save(image_text, folder / IMAGE_TEXT_FILE)
-    (folder / "training.json").write_text(json.dumps({"steps": steps, "seed": seed, "batch": batch}) + "\n")
+        _record(folder, "image_text", steps=steps, seed=seed, batch=2 * batch, hard_negatives="kind-swapped captions")
     return load_judges(folder)
+
+
+def _record(folder: Path, judge: str, **settings) -> None:
+    """Add one judge's training settings to <folder>/training.json (each judge is trained once, on its own)."""
+    path = folder / "training.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[judge] = settings
+    path.write_text(json.dumps(record, indent=1) + "\n")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import GUIDANCE_SCALE, INFERENCE_STEPS, MARKER
 from .models import build_text_encoder, build_unet, build_vae, sample_scheduler, toy_tokenizer, train_scheduler
 from .world import caption, render, sample_scene
 
@@ -217,6 +218,8 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
     tokenizer = toy_tokenizer()
     unet, text_encoder = build_unet(seed), build_text_encoder(tokenizer, seed)
     state = torch.load(out / "generator_state.pt", weights_only=True)
+    marker = {"world": "loldu-sd toy world", "generator_steps": state["step"], "seed": seed,
+              "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": INFERENCE_STEPS}
     unet.load_state_dict(state["ema_unet"])
     text_encoder.load_state_dict(state["ema_te"])
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder,
@@ -229,6 +232,7 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (dest / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     return dest
 
 
