@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoLDUConfig
-from .decompose import fingerprint, top_r_ldu
+from .decompose import LDUFactors, fingerprint, top_r_ldu
 from .layer import LoLDULinear
 from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
                     loldu_layers)
@@ -152,11 +152,52 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
-def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
+def _leading(factors: LDUFactors, rank: int) -> LDUFactors:
+    """The top-`rank` factors inside larger ones (factors are nested)."""
+    return LDUFactors(factors.B[:, :rank], factors.z0[:rank], factors.A[:rank], factors.pivots[:rank],
+                      factors.weight_norm)
+
+
+def _decomposition(config: LoLDUConfig) -> tuple:
+    """The config fields that decide the factors: adapters agreeing on them share B, z0 and A."""
+    return config.factor_dtype, config.canonical_dtype, config.pivot_eps
+
+
+def resident_factors(layer: nn.Module, config: LoLDUConfig, rank: int) -> LDUFactors | None:
+    """Top-`rank` factors from an adapter already on `layer` (no decomposition), or None when none has them."""
+    if not isinstance(layer, LoLDULinear):
+        return None
+    for a in layer.loldu_adapters.values():
+        if a.rank >= rank and _decomposition(a.config) == _decomposition(config):
+            return LDUFactors(layer.loldu_B[:, :rank], a.z0[:rank], layer.loldu_A[:rank], a.pivots[:rank],
+                              a.weight_norm)
+    return None
+
+
+def base_factors(layer: nn.Module, config: LoLDUConfig, rank: int, where: str,
+                 cache: dict[tuple, LDUFactors] | None = None) -> LDUFactors:
+    """Top-`rank` factors of the layer's base weight: from `cache` or the layer's adapters, else decomposed once."""
+    key = (where, *_decomposition(config))
+    known = cache.get(key) if cache is not None else None
+    if known is not None and known.B.shape[1] >= rank:
+        return _leading(known, rank)
+    factors = resident_factors(layer, config, rank)
+    if factors is None:
+        if isinstance(layer, LoLDULinear):
+            factors = layer.factorise(config, rank, where)
+        else:  # decompose without wrapping: from_linear would freeze the weights of a model we may not change
+            factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.canonical_dtype, config.pivot_eps,
+                                where)
+    if cache is not None:
+        cache[key] = factors
+    return factors
+
+
+def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], cache: dict[tuple, LDUFactors] | None = None):
     """Check everything against the model without changing it.
 
     Returns (config, [(comp, name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed here,
-    once.
+    at most once per layer and rank (`cache`: factors kept between calls, as base_factors takes it).
     """
     try:
         config = LoLDUConfig.from_dict(json.loads(meta["config"]))
@@ -191,11 +232,7 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
             if rank != expected:
                 raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
                                        f"give {expected}")
-            if isinstance(layer, LoLDULinear):
-                factors = layer.factorise(config, rank, where)
-            else:  # decompose without wrapping: from_linear would freeze the weights of a model we may not change
-                factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.canonical_dtype,
-                                    config.pivot_eps, where)
+            factors = base_factors(layer, config, rank, where, cache)
             mine = fingerprint(factors)
             if (not math.isclose(mine[0], fp[i, 0], rel_tol=NORM_RTOL)
                     or not math.isclose(mine[1], fp[i, 1], rel_tol=Z0_RTOL)):
