@@ -251,7 +251,9 @@ class LoLDULinear(nn.Linear):
         if r == 0:  # no sample uses an adapter that reaches this layer
             return base
         s = table.to(x.dtype).reshape(table.shape[0], *[1] * (x.ndim - 2), r)
-        return base + F.linear(F.linear(x, self.loldu_A[:r]) * s, self.loldu_B[:, :r])
+        u = (F.linear(x, self.loldu_A[:r]) * s).reshape(-1, r)
+        # in place into the base output: no second (tokens x out) tensor; a zero row adds exact zeros
+        return base.view(-1, self.out_features).addmm_(u, self.loldu_B[:, :r].T).view(base.shape)
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, scale: float = 1.0) -> None:
