@@ -15,7 +15,7 @@ from torch import nn
 
 from .decompose import LDUFactors
 from .io import _plan_load, read_adapter_file
-from .model import _wrap_linears, remove_loldu
+from .model import _wrap_linears, loldu_layers, remove_loldu
 
 # (component, layer name) -> (offset, rank) in an adapter's packed diagonal
 Layout = dict[tuple[str, str], tuple[int, int]]
@@ -95,11 +95,18 @@ class ResidentLibrary:
         del self._diags[name]
 
     def check_components(self, modules: Mapping[str, nn.Module]) -> None:
-        """Raise unless `modules` are this library's base model (its adapters are diagonals over that base only)."""
+        """Raise unless `modules` are this library's base model and still carry the shared factors it needs."""
         other = [c for c, m in self.components.items() if c in modules and modules[c] is not m]
         if other or not set(self.components) & set(modules):
             raise ValueError(f"the library holds adapters of a different base model (component "
                              f"{(other or sorted(self.components))[0]!r} is not this model's); build one per base")
+        layers = {(c, n): layer for c, m in self.components.items() for n, layer in loldu_layers(m)}
+        for layout in {id(layout): layout for _, layout in self._diags.values()}.values():
+            for key, (_, rank) in layout.items():
+                layer = layers.get(key)
+                if layer is None or layer.loldu_B is None or layer.loldu_B.shape[1] < rank:
+                    raise ValueError(f"layer {'.'.join(key).lstrip('.')} lost the library's shared factors "
+                                     "(unload_loldu_weights/remove_loldu unwraps them); load the library again")
 
     def close(self) -> None:
         """Forget every resident adapter; layers that carry no loaded adapter become plain nn.Linear again."""

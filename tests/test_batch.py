@@ -17,6 +17,7 @@ from loldu_sd import (
     loldu_layers,
     merge_loldu,
     per_sample_adapters,
+    remove_loldu,
     save_loldu,
     set_loldu_adapters,
 )
@@ -150,6 +151,10 @@ def test_library_adapters_equal_loaded_ones_bit_for_bit(net, files, tiny_net, mo
         expected = net(x)
     with per_sample_adapters(library_net, MIXES, library=library):
         assert torch.equal(library_net(x), expected)
+    remove_loldu(library_net, [])  # unwraps the layers that carry no loaded adapter: the library's factors go
+    with pytest.raises(ValueError, match="lost the library's shared factors"):
+        with per_sample_adapters(library_net, MIXES, library=library):
+            pass
     library.close()
     assert not list(loldu_layers(library_net)) and len(library) == 0
 
