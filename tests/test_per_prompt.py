@@ -39,20 +39,20 @@ def add_concepts(pipe):
     pipe.set_loldu_adapters([])
 
 
-@pytest.fixture(scope="module")
-def sd():
-    pipe = tiny_pipeline(seed=0)
+def with_concepts(pipe):
     pipe.set_progress_bar_config(disable=True)
     add_concepts(pipe)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return with_concepts(tiny_pipeline(seed=0))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    pipe = tiny_sdxl_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    add_concepts(pipe)
-    return pipe
+    return with_concepts(tiny_sdxl_pipeline(seed=0))
 
 
 def render(pipe, prompts, seeds, negatives=None, nipp=1, **kw):
