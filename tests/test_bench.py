@@ -65,7 +65,7 @@ def test_bench_smoke_writes_every_field(tmp_path):
         assert has(batch, f"rounds/vs_ours_one/{key}/median") and has(batch, f"rounds/times/{key}/median"), key
     for key in ["n", "file_bytes", "first_load_s", "load_all_s", "load_each_s/median", "nbytes_per_adapter",
                 "rss_per_adapter"]:
-        assert has(batch, f"library/{key}"), key
+        assert has(res, f"library/{key}"), key
 
     assert len(res["targets"]) == 13
     assert all(t["pass"] in (True, False) for t in res["targets"]), [t for t in res["targets"] if t["pass"] is None]

@@ -7,7 +7,7 @@ Interleaved rounds on the SD1.5-architecture UNet, a batch of 16 latents:
   lora mixed:k  peft LoRA r=4 mixed-batch inference (adapter_names: peft splits each layer's batch) (c)
 LoLDU and LoRA rounds run in turn on one UNet (never both injected), each with its own base call, so their ratios
 to the LoLDU reference go through the base: (lora/base) / (ours one/base).
-Library: 1,000 adapter files of the UNet loaded into a ResidentLibrary: load time and bytes per resident adapter.
+Section `library`: 1,000 adapter files of the UNet loaded into a ResidentLibrary: load time, bytes per adapter.
 """
 from __future__ import annotations
 
@@ -196,25 +196,37 @@ def bench_library(unet: nn.Module, n: int, tmp: Path) -> dict:
     return res
 
 
-def bench_batch(args, tmp: Path) -> dict:
-    """Section `batch`: the rounds, then the library of 1,000 files (100 in a smoke run)."""
+def _unet(args) -> nn.Module:
     from .sd import build_pipeline
 
     pipe, _ = build_pipeline(args)
-    pipe.to(args.device)
-    unet = pipe.unet
+    return pipe.unet.to(args.device)
+
+
+def bench_batch(args, tmp: Path) -> dict:
+    """Section `batch`: interleaved rounds of 16 prompts over 1, 4 and 16 adapters."""
     log("batch: 16 prompts over 1, 4, 16 adapters (ours per-sample, ours sequential, peft LoRA mixed batch) ...")
     res = {"resolution": args.resolution, "batch": BATCH, "rank": RANK, "lora_rank": LORA_RANK,
-           "rounds": bench_rounds(unet, args)}
-    log("batch: resident library ...")
-    res["library"] = bench_library(unet, 100 if args.smoke else 1000, tmp)
+           "rounds": bench_rounds(_unet(args), args)}
     print_batch(res, args)
     return res
 
 
+def bench_resident(args, tmp: Path) -> dict:
+    """Section `library`: 1,000 adapter files (100 in a smoke run) loaded into a ResidentLibrary."""
+    log("library: writing and loading adapter files ...")
+    lib = bench_library(_unet(args), 100 if args.smoke else 1000, tmp)
+    print(f"\n### Resident library ({'tiny UNet, smoke' if args.smoke else 'SD1.5-architecture UNet'}, "
+          f"LoLDU r={RANK})\n\n{lib['n']} files of {lib['file_bytes']:,} B loaded in {lib['load_all_s']:.2f} s "
+          f"(first {lib['first_load_s']:.3f} s with the decomposition, then {fmt(lib['load_each_s'], 'ms', 1e3)} "
+          f"each); {lib['nbytes_per_adapter'] / 1024:.1f} KiB of diagonals per resident adapter, "
+          f"RSS growth {lib['rss_per_adapter'] / 1024:.1f} KiB per adapter\n")
+    return lib
+
+
 def print_batch(res: dict, args) -> None:
-    """The batch table (ratios to ours with one adapter) and the library line."""
-    r, lib = res["rounds"], res["library"]
+    """The batch table: ratios to ours with one adapter."""
+    r = res["rounds"]
     what = "tiny UNet (smoke)" if args.smoke else "SD1.5-architecture UNet"
     print(f"\n### One batch, many concepts: {what}, {BATCH} latents at {res['resolution']} px, {args.device}\n")
     rows = []
@@ -229,10 +241,6 @@ def print_batch(res: dict, args) -> None:
         rows.append([label, fmt(r["times"][key]), fmt(r["vs_base"][key], "×"),
                      f"{v['median']:.3f}× (best {v['best']:.3f}×)"])
     print(table(["16 prompts", "UNet time", "vs base (same round)", "vs LoLDU one adapter"], rows))
-    print(f"\nResident library: {lib['n']} files of {lib['file_bytes']:,} B loaded in {lib['load_all_s']:.2f} s "
-          f"(first {lib['first_load_s']:.3f} s with the decomposition, then {fmt(lib['load_each_s'], 'ms', 1e3)} "
-          f"each); {lib['nbytes_per_adapter'] / 1024:.1f} KiB of diagonals per resident adapter, "
-          f"RSS growth {lib['rss_per_adapter'] / 1024:.1f} KiB per adapter\n")
 
 
-__all__ = ["bench_batch"]
+__all__ = ["bench_batch", "bench_resident"]

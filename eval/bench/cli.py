@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import __doc__ as package_doc
-from .batch import bench_batch
+from .batch import bench_batch, bench_resident
 from .injection import bench_injection, bench_llama  # noqa: F401  (main calls them as globals()[f"bench_{section}"])
 from .report import targets
 from .sd import bench_sd
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="kept rounds after one warm-up round (smoke: at most 2)")
     p.add_argument("--out", default="bench_results.json", help="JSON output path")
-    p.add_argument("--only", choices=["injection", "llama", "sd", "batch"],
+    p.add_argument("--only", choices=["injection", "llama", "sd", "batch", "library"],
                    help="run one section (targets use what ran)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -76,12 +76,11 @@ def main(argv=None) -> dict | None:
           f"{' '.join(f'{x:.2f}' for x in res['meta']['loadavg_start'])}" + (" — SMOKE (tiny pipeline)" if args.smoke
                                                                              else ""))
     try:
-        for section in [args.only] if args.only else ["injection", "llama", "sd", "batch"]:
+        with_tmp = {"sd": bench_sd, "batch": bench_batch, "library": bench_resident}
+        for section in [args.only] if args.only else ["injection", "llama", "sd", "batch", "library"]:
             log(f"section {section} ...")
-            if section in ("sd", "batch"):
-                res[section] = (bench_sd if section == "sd" else bench_batch)(args, tmp)
-            else:
-                res[section] = globals()[f"bench_{section}"](args)
+            run = with_tmp.get(section)
+            res[section] = run(args, tmp) if run else globals()[f"bench_{section}"](args)
             out.write_text(json.dumps(res, indent=1))  # partial results survive a later crash
         res["targets"] = targets(res, args.smoke)
     finally:

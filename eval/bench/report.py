@@ -122,7 +122,7 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
           lambda: batch["rounds"]["vs_ours_one"]["ours mixed:16"]["median"], lambda v: v <= 1.05,
           lambda v: f"{v:.3f}×", lambda: batch["rounds"]["vs_ours_one"]["ours mixed:16"]["best"])
     check("memory per resident adapter, ours r=32", "≤ 20 KB (20,480 B)",
-          lambda: max(batch["library"]["nbytes_per_adapter"], batch["library"]["rss_per_adapter"]),
+          lambda: max(res["library"]["nbytes_per_adapter"], res["library"]["rss_per_adapter"]),
           lambda v: v <= 20 * KB, lambda v: f"{v:,.0f} B (max of diagonals and RSS growth)")
     print("\n### Targets (from this run)" + (" — smoke run on tiny shapes: not meaningful" if smoke else "") + "\n")
     word = {True: "PASS", False: "MISS", None: "n/a"}
