@@ -15,7 +15,7 @@ from torch import nn
 
 from .decompose import LDUFactors
 from .io import _plan_load, read_adapter_file
-from .model import _wrap_linears, loldu_layers, remove_loldu
+from .model import _wrap_linears, components, loldu_layers, remove_loldu
 
 # (component, layer name) -> (offset, rank) in an adapter's packed diagonal
 Layout = dict[tuple[str, str], tuple[int, int]]

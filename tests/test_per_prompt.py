@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import loldu_sd
+import loldu_sd.diffusers  # SD pipelines get the LoLDU methods
 from loldu_sd import LoLDUConfig, ResidentLibrary
 
 pytest.importorskip("diffusers")
@@ -28,14 +29,13 @@ def randomise(module, name, seed):
 def add_concepts(pipe):
     """dog (UNet + every text encoder), cat (UNet only, rank 2) and style (text encoders only); none active."""
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    for seed, (name, rank, unet, text) in enumerate([("dog", 4, True, True), ("cat", 2, True, False),
-                                                     ("style", 4, False, True)]):
-        if unet:
-            loldu_sd.add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=rank), name)
-            randomise(pipe.unet, name, seed)
-        for encoder in encoders if text else []:
-            loldu_sd.add_loldu_to_text_encoder(encoder, LoLDUConfig(rank=rank), name)
-            randomise(encoder, name, seed + 10)
+    loldu_sd.diffusers.add_loldu_to_pipeline(pipe, LoLDUConfig(rank=4), "dog", text_encoders=True)
+    loldu_sd.diffusers.add_loldu_to_unet(pipe.unet, LoLDUConfig(rank=2), "cat")
+    for encoder in encoders:
+        loldu_sd.diffusers.add_loldu_to_text_encoder(encoder, LoLDUConfig(rank=4), "style")
+    for seed, name in enumerate(["dog", "cat", "style"]):
+        for i, module in enumerate([pipe.unet, *encoders]):
+            randomise(module, name, 10 * i + seed)
     pipe.set_loldu_adapters([])
 
 
@@ -119,11 +119,11 @@ def test_img2img_and_inpaint(sd, kind):
 
 def test_leaving_restores_the_adapter_state(sd):
     sd.set_loldu_adapters(["dog", "cat"], [0.5, 1.0])
-    before = sd.get_loldu_adapters(), render(sd, PROMPTS[0], [0])
+    before = sd.get_loldu_adapters(), render(sd, PROMPTS[0], [0]), list(sd.unet._forward_pre_hooks)
     with sd.per_prompt_adapters([None, "cat"]):
         render(sd, PROMPTS[:2], [0, 1])
     assert sd.get_loldu_adapters() == before[0] and np.array_equal(render(sd, PROMPTS[0], [0]), before[1])
-    assert not sd.unet._forward_pre_hooks or "_loldu_scale_hooks" in sd.unet.__dict__
+    assert list(sd.unet._forward_pre_hooks) == before[2]
     sd.set_loldu_adapters([])
 
 

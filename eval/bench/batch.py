@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import loldu_sd
+import loldu_sd.diffusers
 from loldu_sd import LoLDUConfig
-from loldu_sd.diffusers import remove_scale_hook
 
 from .methods import TARGETS
 from .timing import clock, fmt, log, paired, rounds, summary, table
@@ -47,7 +47,7 @@ def batch_inputs(unet: nn.Module, args) -> tuple[torch.Tensor, torch.Tensor, tor
 def add_concepts(unet: nn.Module, n: int) -> None:
     """n LoLDU adapters c0..c{n-1} with distinct non-initial values, none active."""
     for i in range(n):
-        loldu_sd.add_loldu_to_unet(unet, LoLDUConfig(rank=RANK, target_modules=TARGETS), f"c{i}")
+        loldu_sd.diffusers.add_loldu_to_unet(unet, LoLDUConfig(rank=RANK, target_modules=TARGETS), f"c{i}")
         with torch.no_grad():
             for p in loldu_sd.loldu_parameters(unet, f"c{i}"):
                 p.mul_(1 + 0.01 * (i + 1))
@@ -132,7 +132,6 @@ def bench_rounds(unet: nn.Module, args) -> dict:
     add_concepts(unet, BATCH)
     ours = rounds(lambda: ours_round(unet, inputs), args.repeats)
     loldu_sd.remove_loldu(unet)
-    remove_scale_hook(unet)
     add_lora_concepts(unet, BATCH)
     lora = rounds(lambda: lora_round(unet, inputs), args.repeats)
     unet.unload_lora()
@@ -160,7 +159,6 @@ def write_adapter_files(unet: nn.Module, n: int, folder: Path) -> list[Path]:
     add_concepts(unet, 1)
     first = loldu_sd.save_loldu(folder / "c0.safetensors", {"unet": unet}, "c0")
     loldu_sd.remove_loldu(unet)
-    remove_scale_hook(unet)
     with safe_open(str(first), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     paths = [first]
