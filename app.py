@@ -297,6 +297,17 @@ def train_tab(events: Events):
         concurrency_id="train", show_progress="minimal", show_progress_on=[status])
 
 
+def sampling_fields(prefix: str, seed_label: str) -> tuple:
+    """Prompt, negative prompt, steps, guidance and seed inputs (elem_ids `{prefix}-prompt`, `{prefix}-steps`)."""
+    prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id=f"{prefix}-prompt")
+    negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+    with gr.Row():
+        steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id=f"{prefix}-steps")
+        guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
+        seed = gr.Number(value=0, precision=0, label=seed_label)
+    return prompt, negative, steps, guidance, seed
+
+
 def generate_tab(events: Events):
     """The Generate tab; returns it and its adapter dropdowns (the library refresh updates them)."""
     with gr.Tab("Generate", id="generate") as tab:
@@ -308,12 +319,8 @@ def generate_tab(events: Events):
                                        elem_id=f"gen-adapter-{i}")
                     weight = gr.Slider(*LIMITS.weight, value=1.0, step=0.05, label="weight")
                     slots += [pick, weight]
-        prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id="gen-prompt")
-        negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+        prompt, negative, steps, guidance, seed = sampling_fields("gen", "Seed")
         with gr.Row():
-            steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="gen-steps")
-            guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
-            seed = gr.Number(value=0, precision=0, label="Seed")
             n_images = gr.Slider(*LIMITS.num_images, value=1, step=1, label="Images")
         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
         gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id="gen-gallery")
@@ -331,12 +338,7 @@ def compare_tab(events: Events):
                                allow_custom_value=True, label=f"Concepts (up to {MAX_COMPARE})",
                                elem_id="cmp-adapters")
             base = gr.Checkbox(value=True, label="Also the base model", elem_id="cmp-base")
-        prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id="cmp-prompt")
-        negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
-        with gr.Row():
-            steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="cmp-steps")
-            guidance = gr.Slider(*LIMITS.guidance, value=7.5, step=0.5, label="Guidance")
-            seed = gr.Number(value=0, precision=0, label="Seed (the same noise for every concept)")
+        prompt, negative, steps, guidance, seed = sampling_fields("cmp", "Seed (the same noise for every concept)")
         go = gr.Button("Compare", variant="primary", elem_id="cmp-go")
         gallery = gr.Gallery(label="One batch, one image per concept", columns=MAX_COMPARE + 1, height=320,
                              object_fit="contain", elem_id="cmp-gallery")
