@@ -24,7 +24,9 @@ from loldu_sd.studio import (
     LIMITS,
     AdapterLibrary,
     MAX_IMAGES,
+    MAX_COMPARE,
     MAX_MIX,
+    CompareRequest,
     GenerateRequest,
     JobSnapshot,
     Studio,
@@ -178,10 +180,20 @@ class Events:
         return out.images, (f"{len(out.images)} image(s) with {used} · adapters ready in "
                             f"{1000 * out.switch_seconds:.0f} ms · denoising {out.seconds:.1f} s")
 
+    def compare(self, prompt, negative, steps, guidance, seed, include_base, names):
+        """One prompt for the picked concepts (and the base model) in one batch, shown side by side."""
+        try:
+            out = self.studio.compare(CompareRequest(prompt, list(names or []), include_base, negative, steps,
+                                                     guidance, seed))
+        except StudioError as e:
+            raise _error(e) from None
+        return list(zip(out.images, out.labels)), (f"{len(out.images)} images in one batch: "
+                                                   f"{', '.join(out.labels)} · denoising {out.seconds:.1f} s")
+
     def refresh(self, *picked):
         """Re-read the library from disk: the table and every adapter dropdown (keeping valid selections)."""
         names = self.studio.library.names()
-        keep = [p if p in names else None for p in picked]
+        keep = [[n for n in p if n in names] if isinstance(p, list) else p if p in names else None for p in picked]
         return (library_html(self.studio.library), *[gr.update(choices=names, value=v) for v in keep])
 
     @_library_action
@@ -226,16 +238,18 @@ class Events:
 
 # ---- layout: one builder per tab ----------------------------------------------------------------------------------
 def build_demo(studio: Studio) -> gr.Blocks:
-    """The three-tab UI bound to one Studio."""
+    """The four-tab UI (Train, Generate, Compare, Library) bound to one Studio."""
     events = Events(studio)
     with gr.Blocks(title="LoLDU Studio", analytics_enabled=False) as demo:
         gr.Markdown(f"# LoLDU Studio\nKilobyte adapters for Stable Diffusion "
                     f"([LoLDU](https://arxiv.org/abs/2410.13618)) · base model `{html.escape(studio.base_model)}`")
         trained = train_tab(events)
         gen_tab, gen_picks = generate_tab(events)
-        lib_tab, refresh_args = library_tab(events, gen_picks)
+        cmp_tab, cmp_pick = compare_tab(events)
+        lib_tab, refresh_args = library_tab(events, [*gen_picks, cmp_pick])
         trained.then(**refresh_args)
         gen_tab.select(**refresh_args)  # every session re-reads the shared library from disk
+        cmp_tab.select(**refresh_args)
         lib_tab.select(**refresh_args)
         demo.load(**refresh_args)
     return demo
@@ -301,6 +315,22 @@ def train_tab(events: Events):
         concurrency_id="train", show_progress="minimal", show_progress_on=[status])
 
 
+def default_guidance(events: Events) -> float:
+    """Guidance scale the base model was made for: SD's 7.5, or the toy world's own."""
+    return toyworld.GUIDANCE_SCALE if toyworld.is_toyworld(events.studio.base_model) else 7.5
+
+
+def sampling_fields(prefix: str, seed_label: str, guidance: float = 7.5) -> tuple:
+    """Prompt, negative prompt, steps, guidance and seed inputs (elem_ids `{prefix}-prompt`, `{prefix}-steps`)."""
+    prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id=f"{prefix}-prompt")
+    negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+    with gr.Row():
+        steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id=f"{prefix}-steps")
+        guidance = gr.Slider(*LIMITS.guidance, value=guidance, step=0.5, label="Guidance")
+        seed = gr.Number(value=0, precision=0, label=seed_label)
+    return prompt, negative, steps, guidance, seed
+
+
 def generate_tab(events: Events):
     """The Generate tab; returns it and its adapter dropdowns (the library refresh updates them)."""
     with gr.Tab("Generate", id="generate") as tab:
@@ -312,14 +342,8 @@ def generate_tab(events: Events):
                                        elem_id=f"gen-adapter-{i}")
                     weight = gr.Slider(*LIMITS.weight, value=1.0, step=0.05, label="weight")
                     slots += [pick, weight]
-        prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks robot on the beach", elem_id="gen-prompt")
-        negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+        prompt, negative, steps, guidance, seed = sampling_fields("gen", "Seed", default_guidance(events))
         with gr.Row():
-            steps = gr.Slider(*LIMITS.gen_steps, value=25, step=1, label="Steps", elem_id="gen-steps")
-            toy = toyworld.is_toyworld(events.studio.base_model)
-            guidance = gr.Slider(*LIMITS.guidance, value=toyworld.GUIDANCE_SCALE if toy else 7.5, step=0.5,
-                                 label="Guidance")
-            seed = gr.Number(value=0, precision=0, label="Seed")
             n_images = gr.Slider(*LIMITS.num_images, value=1, step=1, label="Images")
         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
         gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id="gen-gallery")
@@ -327,6 +351,25 @@ def generate_tab(events: Events):
     go.click(events.generate, [prompt, negative, steps, guidance, seed, n_images, *slots], [gallery, status],
              api_name="generate", concurrency_limit=1, concurrency_id="generate")
     return tab, slots[::2]
+
+
+def compare_tab(events: Events):
+    """The Compare tab: one prompt for up to MAX_COMPARE concepts in one batch; returns it and its dropdown."""
+    with gr.Tab("Compare", id="compare") as tab:
+        with gr.Row():
+            pick = gr.Dropdown(choices=[], value=[], multiselect=True, max_choices=MAX_COMPARE, scale=3,
+                               allow_custom_value=True, label=f"Concepts (up to {MAX_COMPARE})",
+                               elem_id="cmp-adapters")
+            base = gr.Checkbox(value=True, label="Also the base model", elem_id="cmp-base")
+        prompt, negative, steps, guidance, seed = sampling_fields("cmp", "Seed (the same noise for every concept)",
+                                                                  default_guidance(events))
+        go = gr.Button("Compare", variant="primary", elem_id="cmp-go")
+        gallery = gr.Gallery(label="One batch, one image per concept", columns=MAX_COMPARE + 1, height=320,
+                             object_fit="contain", elem_id="cmp-gallery")
+        status = gr.Markdown(elem_id="cmp-status")
+    go.click(events.compare, [prompt, negative, steps, guidance, seed, base, pick], [gallery, status],
+             api_name="compare", concurrency_limit=1, concurrency_id="generate")
+    return tab, pick
 
 
 def library_tab(events: Events, gen_picks: list):

@@ -8,6 +8,9 @@ from .decompose import LDUFactors, top_r_ldu
 from .io import (LOLDU_WEIGHT_NAME, LoadedAdapter, LoLDUBaseMismatchError, LoLDUFormatError, load_loldu,
                  read_adapter_file, save_loldu)
 from .layer import LoLDULinear
+from .batch import per_sample_adapters
+from .library import ResidentLibrary
+from .per_prompt import per_prompt_adapters
 from .presets import PRESETS, preset
 from .model import (
     Components,
@@ -32,9 +35,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Components", "INITS", "LOLDU_WEIGHT_NAME", "LDUFactors", "LoLDUBaseMismatchError", "LoLDUConfig",
-    "LoLDUFormatError", "LoLDULinear", "LoadedAdapter", "PRESETS", "add_loldu", "cast_loldu_parameters",
-    "count_loldu_parameters", "find_targets", "get_loldu_adapters", "get_loldu_config", "load_loldu",
-    "loldu_adapter_names", "loldu_layers", "loldu_parameters", "loldu_scale", "merge_loldu", "preset",
+    "LoLDUFormatError", "LoLDULinear", "LoadedAdapter", "PRESETS", "ResidentLibrary", "add_loldu",
+    "cast_loldu_parameters", "count_loldu_parameters", "find_targets", "get_loldu_adapters", "get_loldu_config",
+    "load_loldu", "loldu_adapter_names", "loldu_layers", "loldu_parameters", "loldu_scale", "merge_loldu",
+    "per_prompt_adapters", "per_sample_adapters", "preset",
     "project_loldu_", "read_adapter_file", "remove_loldu", "save_loldu", "set_loldu_adapters", "top_r_ldu",
     "unmerge_loldu",
 ]

@@ -19,6 +19,7 @@ from . import model as core
 from .config import LoLDUConfig
 from .io import LOLDU_WEIGHT_NAME, LoLDUFormatError, atomic_write, load_loldu, read_adapter_file, save_loldu
 from .naming import checkpoint_prefixes, kohya_key, kohya_prefixes, lora_output_file
+from .per_prompt import per_prompt_adapters
 from .presets import PRESETS
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -288,7 +289,8 @@ def _single_adapter(comps: dict[str, nn.Module]) -> str:
 
 # The one place this module touches diffusers: SD and SDXL pipelines get the functions above as methods.
 _PIPELINE_METHODS = (load_loldu_weights, save_loldu_weights, set_loldu_adapters, get_loldu_adapters,
-                     list_loldu_adapters, delete_loldu_adapters, fuse_loldu, unfuse_loldu, unload_loldu_weights)
+                     list_loldu_adapters, delete_loldu_adapters, fuse_loldu, unfuse_loldu, unload_loldu_weights,
+                     per_prompt_adapters)
 for _mixin in (StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin):
     for _fn in _PIPELINE_METHODS:
         setattr(_mixin, _fn.__name__, _fn)
@@ -296,6 +298,7 @@ for _mixin in (StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin)
 __all__ = ["LOLDU_WEIGHT_NAME", "LoLDUFormatError", "TEXT_ENCODERS", "add_loldu_to_pipeline",
            "add_loldu_to_text_encoder", "add_loldu_to_unet",
            "delete_loldu_adapters", "export_lora", "export_lora_state_dict", "fuse_loldu",
-           "get_loldu_adapters", "list_loldu_adapters", "load_loldu_weights", "pipeline_components",
+           "get_loldu_adapters", "list_loldu_adapters", "load_loldu_weights", "per_prompt_adapters",
+           "pipeline_components",
            "read_adapter_file", "resolve_adapter_file", "save_loldu_weights", "save_pipeline_adapter",
            "set_loldu_adapters", "unet_target_layers", "unfuse_loldu", "unload_loldu_weights"]

@@ -222,11 +222,55 @@ def _module_name(name: str, modules: dict[str, nn.Module], prefix: str) -> str:
     return name
 
 
-def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_prefixes: dict[str, str]):
+def _leading(factors: LDUFactors, rank: int) -> LDUFactors:
+    """The top-`rank` factors inside larger ones (factors are nested)."""
+    return LDUFactors(factors.B[:, :rank], factors.z0[:rank], factors.A[:rank], factors.pivots[:rank],
+                      factors.weight_norm, factors.roundoff)
+
+
+def _decomposition(config: LoLDUConfig) -> tuple:
+    """The config fields that decide the factors: adapters agreeing on them (and on pivots) share B, z0 and A."""
+    return config.factor_dtype, config.pivot_eps
+
+
+def resident_factors(layer: nn.Module, config: LoLDUConfig, rank: int, pivots: torch.Tensor) -> LDUFactors | None:
+    """Top-`rank` factors from an adapter already on `layer` with the same pivot rows (no decomposition), or None."""
+    if not isinstance(layer, LoLDULinear):
+        return None
+    for a in layer.loldu_adapters.values():
+        if (a.rank >= rank and _decomposition(a.config) == _decomposition(config)
+                and torch.equal(a.pivots[:rank].cpu(), pivots.cpu())):
+            return LDUFactors(layer.loldu_B[:, :rank], a.z0[:rank], layer.loldu_A[:rank], a.pivots[:rank],
+                              a.weight_norm, a.roundoff)
+    return None
+
+
+def base_factors(layer: nn.Module, config: LoLDUConfig, rank: int, where: str, pivots: torch.Tensor,
+                 cache: dict[tuple, LDUFactors] | None = None) -> LDUFactors:
+    """Top-`rank` factors of the layer's base weight with `pivots` forced: from `cache` or the layer's adapters,
+    else decomposed once."""
+    key = (where, *_decomposition(config))
+    known = cache.get(key) if cache is not None else None
+    if known is not None and known.B.shape[1] >= rank and torch.equal(known.pivots[:rank].cpu(), pivots.cpu()):
+        return _leading(known, rank)
+    factors = resident_factors(layer, config, rank, pivots)
+    if factors is None:
+        if isinstance(layer, LoLDULinear):
+            factors = layer.factorise(config, rank, where, pivots)
+        else:  # decompose without wrapping: from_linear would freeze the weights of a model we may not change
+            factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.pivot_eps, where, pivots)
+    if cache is not None:
+        cache[key] = factors
+    return factors
+
+
+def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_prefixes: dict[str, str] | None = None,
+               cache: dict[tuple, LDUFactors] | None = None):
     """Check everything against the model without changing it.
 
     Returns (config, [(comp, module name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed
-    here, once, with the file's pivot order forced.
+    here with the file's pivot order forced, at most once per layer and rank (`cache`: factors kept between calls,
+    as base_factors takes it).
     """
     try:
         raw_config = json.loads(meta["config"])
@@ -249,7 +293,7 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
         for i, ((name, rank), (zi, si), pi) in enumerate(zip(entries, layer_values(tensors, comp, ranks), pivs)):
             rank = int(rank)
             where = f"{comp}.{name}" if comp else name
-            name = _module_name(name, modules, name_prefixes.get(comp, ""))
+            name = _module_name(name, modules, (name_prefixes or {}).get(comp, ""))
             if not (torch.isfinite(zi).all() and torch.isfinite(si) and torch.isfinite(fp[i]).all()):
                 raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
@@ -263,14 +307,11 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
                 raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
                                        f"give {expected}")
             pivots, file_roundoff = _layer_pivots(path, where, layer.weight, rank, version, pi, fp[i], canonical)
-            if isinstance(layer, LoLDULinear):
-                if layer.pivot_conflict(pivots):
-                    raise LoLDUFormatError(
-                        f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
-                        "other rows (made on another precision copy); load this adapter into a fresh model")
-                factors = layer.factorise(config, rank, where, pivots)
-            else:  # decompose without wrapping: from_linear would freeze the weights of a model we may not change
-                factors = top_r_ldu(layer.weight, rank, config.factor_dtype, config.pivot_eps, where, pivots)
+            if isinstance(layer, LoLDULinear) and layer.pivot_conflict(pivots):
+                raise LoLDUFormatError(
+                    f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
+                    "other rows (made on another precision copy); load this adapter into a fresh model")
+            factors = base_factors(layer, config, rank, where, pivots, cache)
             _check_base(path, where, factors, fp[i], file_roundoff)
             plan.append((comp, name, zi, si, factors))
     return config, plan, maps

@@ -140,6 +140,8 @@ class LoLDULinear(nn.Linear):
         layer.loldu_active: list[str] = []
         layer.loldu_merged: list[str] = []
         layer.loldu_runtime_scale = RuntimeScale() if scale is None else scale
+        # (batch, R) per-sample diagonals while loldu_sd.batch binds one; they replace the active adapters
+        layer.loldu_sample_diag = None
         # W0 kept while merged, so unmerge is bit-exact; a buffer, so that .to(device/dtype) after a merge moves it too
         layer.register_buffer("_loldu_original_weight", None, persistent=False)
         return layer
@@ -184,15 +186,20 @@ class LoLDULinear(nn.Linear):
         elif self.pivot_conflict(factors.pivots):
             raise ValueError(f"{layer_name}: adapter {name!r} pivots on other rows than this layer's adapters "
                              f"{list(self.loldu_adapters)}; they cannot share one factorisation")
-        if factors.B.shape[1] > current:  # nested factors: growing R leaves smaller adapters' subspace intact
-            self.loldu_B = factors.B.to(self.weight.dtype)
-            self.loldu_A = factors.A.to(self.weight.dtype)
-            self.loldu_pivots = factors.pivots.clone()
+        self.install_factors(factors)
         adapter = LoLDUAdapter(config, factors.z0[:rank], factors.pivots[:rank], factors.weight_norm,
                                factors.roundoff)
         self.loldu_adapters[name] = adapter  # built on the factors' device, i.e. the weight's
         self.loldu_active.append(name)
         return adapter
+
+    def install_factors(self, factors: LDUFactors) -> None:
+        """Keep the B, A and pivot order of `factors` if they have more columns than the current ones."""
+        if self.loldu_B is None or factors.B.shape[1] > self.loldu_B.shape[1]:
+            # nested factors: growing R leaves smaller adapters' subspace intact
+            self.loldu_B = factors.B.to(self.weight.dtype)
+            self.loldu_A = factors.A.to(self.weight.dtype)
+            self.loldu_pivots = factors.pivots.clone()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if needed)."""
@@ -232,6 +239,8 @@ class LoLDULinear(nn.Linear):
         return (self.loldu_B[:, :r].float() * s) @ self.loldu_A[:r].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.loldu_sample_diag is not None:
+            return self.per_sample_forward(x, self.loldu_sample_diag * self.loldu_runtime_scale.value)
         s = self.combined_diag(scale=self.loldu_runtime_scale.value)
         if s is None:
             return F.linear(x, self.weight, self.bias)
@@ -249,6 +258,18 @@ class LoLDULinear(nn.Linear):
             return _MergedLoLDULinear.apply(x, self.weight, self.bias, B, A, s)
         # the low-rank path keeps backward free of any m x n weight gradient
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, A) * s, B)
+
+    def per_sample_forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """y[b] = W0 x[b] + b + B (table[b] ⊙ A x[b]): sample b's own diagonal; a zero row gives the base output."""
+        if x.shape[0] != table.shape[0]:
+            raise ValueError(f"per-sample adapters: batch of {x.shape[0]} inputs, table of {table.shape[0]} rows")
+        base, r = F.linear(x, self.weight, self.bias), table.shape[1]
+        if r == 0:  # no sample uses an adapter that reaches this layer
+            return base
+        s = table.to(x.dtype).reshape(table.shape[0], *[1] * (x.ndim - 2), r)
+        u = (F.linear(x, self.loldu_A[:r]) * s).reshape(-1, r)
+        # in place into the base output: no second (tokens x out) tensor; a zero row adds exact zeros
+        return base.view(-1, self.out_features).addmm_(u, self.loldu_B[:, :r].T).view(base.shape)
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, scale: float = 1.0) -> None:

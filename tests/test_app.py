@@ -86,6 +86,8 @@ def test_train_then_generate(app_server):
     assert (lib / "robot" / "pytorch_loldu_weights.safetensors").is_file() and previews
     gallery, message = client.predict(*gen_args(n=2), api_name="/generate")
     assert len(gallery) == 2 and "robot × 1" in message
+    gallery, message = client.predict("a photo of sks robot", "", 2, 7.5, 0, True, ["robot"], api_name="/compare")
+    assert [g["caption"] for g in gallery] == ["robot", "base model"] and "2 images in one batch" in message
     path, message = client.predict("robot", api_name="/download")
     weights = lib / "robot" / "pytorch_loldu_weights.safetensors"
     assert Path(path).read_bytes() == weights.read_bytes()

@@ -1,4 +1,4 @@
-"""app.py in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright): upload, train, generate.
+"""app.py in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright): train, generate, compare.
 
 Screenshots go to pytest's tmp dir, and also to $LOLDU_SCREENSHOT_DIR when set (docs/app.png comes from here).
 """
@@ -110,6 +110,20 @@ def test_upload_train_generate_in_chromium(app_server, tmp_path):  # noqa: F811
         expect(page.locator("#gen-gallery img")).to_have_count(1, timeout=120_000)
         expect(page.locator("#gen-status")).to_contain_text("1 image(s) with browser-robot")
         screenshot(page, tmp_path, "app_generate.png")
+
+        # Compare: the new concept and the base model in one batch, each image captioned with its concept
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#cmp-adapters input").click()
+        page.get_by_role("option", name="browser-robot").click()
+        page.keyboard.press("Escape")
+        page.locator("#cmp-prompt textarea").fill("a photo of sks robot on the beach")
+        set_number(page, "cmp-steps", 2, expect)
+        page.locator("#cmp-go").click()
+        expect(page.locator("#cmp-gallery img")).to_have_count(2, timeout=120_000)
+        expect(page.locator("#cmp-status")).to_contain_text("2 images in one batch: browser-robot, base model")
+        expect(page.locator("#cmp-gallery")).to_contain_text("browser-robot")
+        expect(page.locator("#cmp-gallery")).to_contain_text("base model")
+        screenshot(page, tmp_path, "app_compare.png")
 
         # Library: the adapter is listed with its size in KB
         page.get_by_role("tab", name="Library").click()

@@ -62,7 +62,15 @@ def test_bench_smoke_writes_every_field(tmp_path):
     for spec in ["ours:32", "lora:4"]:
         assert has(sd["rounds"][spec], "unfuse/median"), spec
 
-    assert len(res["targets"]) == 11
+    batch = res["batch"]
+    for key in ["ours base", "ours one", "ours mixed:1", "ours mixed:4", "ours mixed:16", "ours seq:4", "ours seq:16",
+                "lora one", "lora mixed:1", "lora mixed:4", "lora mixed:16"]:
+        assert has(batch, f"rounds/vs_ours_one/{key}/median") and has(batch, f"rounds/times/{key}/median"), key
+    for key in ["n", "file_bytes", "first_load_s", "load_all_s", "load_each_s/median", "nbytes_per_adapter",
+                "rss_per_adapter"]:
+        assert has(res, f"library/{key}"), key
+
+    assert len(res["targets"]) == 13
     assert all(t["pass"] in (True, False) for t in res["targets"]), [t for t in res["targets"] if t["pass"] is None]
     for t in res["targets"]:
         assert {"target", "required", "measured", "value", "pass"} <= set(t)

@@ -12,6 +12,7 @@ from loldu_sd import LoLDUConfig, save_loldu
 from loldu_sd.studio import (
     WEIGHT_NAME,
     AdapterLibrary,
+    CompareRequest,
     GenerateRequest,
     StudioError,
     TrainingJob,
@@ -128,6 +129,16 @@ def test_generate_request_validation():
                     ({"adapters": [("a", 5.0)]}, "weight of a"), ({"seed": -1}, "seed")]:
         with pytest.raises(StudioError, match=msg):
             GenerateRequest(**{"prompt": "x", **kw}).validated()
+
+
+def test_compare_request_validation():
+    req = CompareRequest(" hi ", ["a", "", "b"], steps="3").validated()
+    assert req.prompt == "hi" and req.adapters == ["a", "b"] and req.include_base and req.steps == 3
+    for kw, msg in [({"prompt": " "}, "prompt is empty"), ({"adapters": ["a", "a"]}, "picked twice"),
+                    ({"adapters": [f"c{i}" for i in range(9)]}, "at most 8 concepts"),
+                    ({"include_base": False}, "nothing to compare"), ({"guidance": -1}, "guidance")]:
+        with pytest.raises(StudioError, match=msg):
+            CompareRequest(**{"prompt": "x", **kw}).validated()
 
 
 # ---- library ----------------------------------------------------------------------------------------------------
@@ -251,6 +262,23 @@ def test_generate_mixes_and_switches_without_reloading(studio):
     gen = studio.generate(GenerateRequest("x", [("b", 1.0), ("a", 1.0)], steps=1))
     assert gen.switch_seconds < 0.5 and gen.seconds > 0  # cached adapters: switching is a pointer swap
     assert base.shape[:3] == (1, studio.resolution, studio.resolution)
+
+
+def test_compare_renders_every_concept_and_the_base_in_one_batch(studio):
+    prompt, calls = "a photo of sks toy", []
+    pipe = studio.pipeline()
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        out = studio.compare(CompareRequest(prompt, ["b", "a"], steps=2))
+    finally:
+        handle.remove()
+    assert out.labels == ["b", "a", "base model"] and calls == [6, 6]  # 2 steps of one batch: 3 prompts x CFG
+    alone = [studio.generate(GenerateRequest(prompt, mix, steps=2)).images[0]
+             for mix in ([("b", 1.0)], [("a", 1.0)], [])]
+    assert (pixels(out.images) - pixels(alone)).abs().max() <= 1  # uint8 images: within one level
+    assert not torch.equal(pixels(out.images[:1]), pixels(out.images[2:]))
+    with pytest.raises(StudioError, match="no adapter named 'gone'"):
+        studio.compare(CompareRequest(prompt, ["a", "gone"]))
 
 
 def test_cache_follows_the_library_on_disk(studio, tiny_sd):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import __doc__ as package_doc
+from .batch import bench_batch, bench_resident
 from .injection import bench_injection, bench_llama  # noqa: F401  (main calls them as globals()[f"bench_{section}"])
 from .report import targets
 from .sd import bench_files_section, bench_sd
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=3, help="kept rounds after one warm-up round (smoke: at most 2)")
     p.add_argument("--out", default="bench_results.json", help="JSON output path")
-    p.add_argument("--only", choices=["injection", "llama", "sd", "files"],
+    p.add_argument("--only", choices=["injection", "llama", "sd", "files", "batch", "library"],
                    help="run one section (targets use what ran); files: adapter files and pipeline load of section sd")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -75,12 +76,12 @@ def main(argv=None) -> dict | None:
           f"{' '.join(f'{x:.2f}' for x in res['meta']['loadavg_start'])}" + (" — SMOKE (tiny pipeline)" if args.smoke
                                                                              else ""))
     try:
-        for section in [args.only] if args.only else ["injection", "llama", "sd"]:
+        with_tmp = {"sd": bench_sd, "files": bench_files_section, "batch": bench_batch, "library": bench_resident}
+        for section in [args.only] if args.only else ["injection", "llama", "sd", "batch", "library"]:
             log(f"section {section} ...")
-            if section in ("sd", "files"):
-                res["sd"] = (bench_sd if section == "sd" else bench_files_section)(args, tmp)
-            else:
-                res[section] = globals()[f"bench_{section}"](args)
+            run = with_tmp.get(section)
+            key = "sd" if section == "files" else section  # the files part of section sd reports under sd
+            res[key] = run(args, tmp) if run else globals()[f"bench_{section}"](args)
             out.write_text(json.dumps(res, indent=1))  # partial results survive a later crash
         res["targets"] = targets(res, args.smoke)
     finally:

@@ -125,6 +125,13 @@ def targets(res: dict, smoke: bool = False) -> list[dict]:
           lambda v: f"{v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f})",
           lambda: best_of(sd["rounds"]["ours:32"]["infer_fused_ratio"]), lambda v: v <= 1.03,
           lambda v: f"{v:.3f}× (no extra cost: ≤ 1.03×)")
+    batch = res.get("batch", {})
+    check("16 adapters in one batch of 16, ours r=32", "≤ 1.05× one adapter",
+          lambda: batch["rounds"]["vs_ours_one"]["ours mixed:16"]["median"], lambda v: v <= 1.05,
+          lambda v: f"{v:.3f}×", lambda: batch["rounds"]["vs_ours_one"]["ours mixed:16"]["best"])
+    check("memory per resident adapter, ours r=32", "≤ 20 KB (20,480 B)",
+          lambda: max(res["library"]["nbytes_per_adapter"], res["library"]["rss_per_adapter"]),
+          lambda v: v <= 20 * KB, lambda v: f"{v:,.0f} B (max of diagonals and RSS growth)")
     print("\n### Targets (from this run)" + (" — smoke run on tiny shapes: not meaningful" if smoke else "") + "\n")
     word = {True: "PASS", False: "MISS", None: "n/a"}
     print(table(["target", "required", "measured (median)", "result", "on best-of-N (min/min)"],

@@ -20,10 +20,12 @@ from .inputs import (
     LIMITS,
     MAX_ADAPTER_BYTES,
     MAX_IMAGE_BYTES,
+    MAX_COMPARE,
     MAX_IMAGES,
     MAX_MIX,
     MIN_IMAGES,
     NAME_MAX,
+    CompareRequest,
     GenerateRequest,
     Limits,
     StudioBusyError,
@@ -36,13 +38,14 @@ from .inputs import (
 )
 from .jobs import JobSnapshot, NothingToSave, TrainingFailed, TrainingJob, run_trainer
 from .library import INFO_NAME, SAMPLE_NAME, WEIGHT_NAME, AdapterInfo, AdapterLibrary
-from .service import Generation, Studio
+from .service import Comparison, Generation, Studio
 
 __all__ = [
     "IMAGE_FORMATS",
     "INFO_NAME",
     "LIMITS",
     "MAX_ADAPTER_BYTES",
+    "MAX_COMPARE",
     "MAX_IMAGES",
     "MAX_IMAGE_BYTES",
     "MAX_MIX",
@@ -52,6 +55,8 @@ __all__ = [
     "WEIGHT_NAME",
     "AdapterInfo",
     "AdapterLibrary",
+    "CompareRequest",
+    "Comparison",
     "GenerateRequest",
     "Generation",
     "JobSnapshot",

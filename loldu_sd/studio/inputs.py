@@ -1,4 +1,4 @@
-"""What users type and upload: limits, the one-line StudioError, names, images, and the Train/Generate requests."""
+"""What users type and upload: limits, the one-line StudioError, names, images, the Train/Generate/Compare requests."""
 from __future__ import annotations
 
 import os
@@ -22,6 +22,7 @@ MAX_ADAPTER_BYTES = 20 * 2**20  # LoLDU files are kilobytes; anything this big i
 IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]  # never EPS/PDF: PIL shells out to Ghostscript for those
 NAME_MAX = 64
 MAX_MIX = 3  # adapter slots in the Generate tab
+MAX_COMPARE = 8  # library concepts rendered side by side in one batch by the Compare tab
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,14 @@ def load_images(paths: Sequence[str | Path], minimum: int = MIN_IMAGES, maximum:
     return images
 
 
+def check_prompt(prompt: str | None) -> str:
+    """The stripped prompt, or a StudioError when it is empty."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise StudioError("the prompt is empty; describe the image, e.g. 'a photo of sks robot on the beach'")
+    return prompt
+
+
 @dataclass
 class GenerateRequest:
     """One Generate-tab click: a prompt and up to MAX_MIX (adapter, weight) pairs."""
@@ -128,9 +137,7 @@ class GenerateRequest:
 
     def validated(self) -> GenerateRequest:
         """A checked copy (StudioError on the first bad field); weight-0 and empty adapter slots are dropped."""
-        prompt = (self.prompt or "").strip()
-        if not prompt:
-            raise StudioError("the prompt is empty; describe the image, e.g. 'a photo of sks robot on the beach'")
+        prompt = check_prompt(self.prompt)
         mix: dict[str, float] = {}
         for name, weight in self.adapters:
             if not name:
@@ -149,6 +156,35 @@ class GenerateRequest:
             guidance=check_range("guidance", self.guidance, LIMITS.guidance),
             seed=check_range("seed", self.seed, LIMITS.seed, integer=True),
             num_images=check_range("number of images", self.num_images, LIMITS.num_images, integer=True))
+
+
+@dataclass
+class CompareRequest:
+    """One Compare-tab click: one prompt for up to MAX_COMPARE library concepts (and the base model), one batch."""
+
+    prompt: str
+    adapters: list[str] = field(default_factory=list)
+    include_base: bool = True
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+
+    def validated(self) -> CompareRequest:
+        """A checked copy (StudioError on the first bad field); empty picks are dropped."""
+        names = [sanitize_name(n) for n in self.adapters if n]
+        if len(set(names)) != len(names):
+            raise StudioError("a concept is picked twice; pick each concept once")
+        if len(names) > MAX_COMPARE:
+            raise StudioError(f"compare at most {MAX_COMPARE} concepts at once (got {len(names)})")
+        if not names and not self.include_base:
+            raise StudioError("nothing to compare; pick at least one concept or include the base model")
+        return CompareRequest(
+            prompt=check_prompt(self.prompt), adapters=names, include_base=bool(self.include_base),
+            negative_prompt=(self.negative_prompt or "").strip(),
+            steps=check_range("steps", self.steps, LIMITS.gen_steps, integer=True),
+            guidance=check_range("guidance", self.guidance, LIMITS.guidance),
+            seed=check_range("seed", self.seed, LIMITS.seed, integer=True))
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ..io import LoLDUFormatError, read_adapter_file
 from ..training.errors import first_line
 from .inputs import (
     MAX_ADAPTER_BYTES,
+    CompareRequest,
     GenerateRequest,
     StudioError,
     _display,
@@ -36,6 +37,15 @@ class Generation:
 
     images: list[Image.Image]
     switch_seconds: float
+    seconds: float
+
+
+@dataclass
+class Comparison:
+    """One image per concept (then the base model), their labels, and the denoising time of the single batch."""
+
+    images: list[Image.Image]
+    labels: list[str]
     seconds: float
 
 
@@ -134,14 +144,17 @@ class Studio:
             pipe.set_loldu_adapters(names, [float(w) for _, w in adapters])
             return time.perf_counter() - started
 
+    def _check_exist(self, names: Sequence[str]) -> None:
+        for name in names:
+            if not self.library.exists(name):
+                raise StudioError(f"no adapter named {name!r} in the library (deleted or renamed?); refresh the list")
+
     def generate(self, request: GenerateRequest) -> Generation:
         """Images for a prompt with a mix of library adapters (one denoising run at a time)."""
         import torch
 
         req = request.validated()
-        for name, _ in req.adapters:
-            if not self.library.exists(name):
-                raise StudioError(f"no adapter named {name!r} in the library (deleted or renamed?); refresh the list")
+        self._check_exist([name for name, _ in req.adapters])
         with self._lock:
             pipe = self.pipeline()
             switch = self.activate(req.adapters)
@@ -150,6 +163,24 @@ class Studio:
                        num_inference_steps=req.steps, guidance_scale=req.guidance, height=size, width=size,
                        generator=torch.Generator(self.device).manual_seed(req.seed))
         return Generation(list(out.images), switch, time.perf_counter() - started)
+
+    def compare(self, request: CompareRequest) -> Comparison:
+        """One prompt for several library concepts (and the base model) in ONE batch, same noise for every image."""
+        import torch
+
+        req = request.validated()
+        self._check_exist(req.adapters)
+        labels = req.adapters + (["base model"] if req.include_base else [])
+        with self._lock:
+            pipe = self.pipeline()
+            self._evict_stale()
+            entries = [self._load(n) for n in req.adapters] + ([None] if req.include_base else [])
+            size, started, n = self.resolution, time.perf_counter(), len(entries)
+            with pipe.per_prompt_adapters(entries):
+                out = pipe([req.prompt] * n, negative_prompt=[req.negative_prompt] * n if req.negative_prompt else None,
+                           num_inference_steps=req.steps, guidance_scale=req.guidance, height=size, width=size,
+                           generator=[torch.Generator(self.device).manual_seed(req.seed) for _ in entries])
+        return Comparison(list(out.images), labels, time.perf_counter() - started)
 
     # ---- library operations that need the model ----------------------------------------------------------------
     def check_adapter(self, path: str | Path) -> dict[str, str]:
