@@ -59,25 +59,30 @@ def clip_vocab(merges: list[str]) -> dict[str, int]:
     """token -> id in CLIP's order: byte chars, byte chars + </w>, one token per merge, then BOS and EOS."""
     chars = _byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}  # two merges may spell one token: number it once
 
 
-def tiny_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
-    """The real SD 1.x CLIPTokenizer (openai/clip-vit-large-patch14 vocabulary), built offline; SD 2.x pads with "!"."""
+def clip_tokenizer(merges: list[str], max_length: int, pad_token: str, name: str) -> CLIPTokenizer:
+    """A real CLIPTokenizer for BPE `merges` (vocabulary in CLIP's order, see clip_vocab), built offline."""
     from transformers import CLIPTokenizer
 
-    merges = clip_bpe_merges()
     vocab = clip_vocab(merges)
-    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
     # vocab.json + merges.txt is the one input every transformers version (4.x slow/fast, 5.x) reads the same way
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tok = CLIPTokenizer.from_pretrained(tmp, model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token)
+        tok = CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, pad_token=pad_token)
     # forget the (deleted) temp dir, so save_pretrained writes a clean tokenizer_config.json
     for key in ("vocab_file", "merges_file", "name_or_path", "is_local", "local_files_only"):
         tok.init_kwargs.pop(key, None)
-    tok.name_or_path = "loldu-sd/tiny-clip-tokenizer"
+    tok.name_or_path = name
+    return tok
+
+
+def tiny_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    """The real SD 1.x CLIPTokenizer (openai/clip-vit-large-patch14 vocabulary), built offline; SD 2.x pads with "!"."""
+    tok = clip_tokenizer(clip_bpe_merges(), CLIP_MAX_LENGTH, pad_token, "loldu-sd/tiny-clip-tokenizer")
+    assert len(tok) == CLIP_VOCAB_SIZE, len(tok)
     return tok
 
 

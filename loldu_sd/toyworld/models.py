@@ -9,11 +9,7 @@ trains: exactly what DreamBooth wants from a rare identifier.
 """
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
-from ..testing import BOS, EOS, SD_BETAS, _byte_chars
+from ..testing import EOS, SD_BETAS, clip_tokenizer
 from .world import BACKGROUNDS, COLOURS, DECORATIONS, KINDS, PLURALS, POSITIONS, RICH_DECORATIONS, SIZES
 
 MAX_LENGTH = 32
@@ -65,20 +61,7 @@ def _merge(piece: list[str], pair: tuple[str, str]) -> list[str]:
 
 def toy_tokenizer():
     """A real CLIPTokenizer (CLIP's byte-level BPE, lower-casing, </w> ends) with the toy world's small vocabulary."""
-    from transformers import CLIPTokenizer
-
-    merges = bpe_merges(vocabulary_words())
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tok = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH, pad_token=EOS)
-    for key in ("vocab_file", "merges_file", "name_or_path", "is_local", "local_files_only"):
-        tok.init_kwargs.pop(key, None)
-    tok.name_or_path = "loldu-sd/toyworld-tokenizer"
-    return tok
+    return clip_tokenizer(bpe_merges(vocabulary_words()), MAX_LENGTH, EOS, "loldu-sd/toyworld-tokenizer")
 
 
 def build_text_encoder(tokenizer, seed: int = 0):
