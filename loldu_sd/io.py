@@ -307,12 +307,12 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
                 raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
                                        f"give {expected}")
             pivots, file_roundoff = _layer_pivots(path, where, layer.weight, rank, version, pi, fp[i], canonical)
+            factors = base_factors(layer, config, rank, where, pivots, cache)
+            _check_base(path, where, factors, fp[i], file_roundoff)  # first: a different base is the real reason
             if isinstance(layer, LoLDULinear) and layer.pivot_conflict(pivots):
                 raise LoLDUFormatError(
                     f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
                     "other rows (made on another precision copy); load this adapter into a fresh model")
-            factors = base_factors(layer, config, rank, where, pivots, cache)
-            _check_base(path, where, factors, fp[i], file_roundoff)
             plan.append((comp, name, zi, si, factors))
     return config, plan, maps
 

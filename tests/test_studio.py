@@ -328,7 +328,7 @@ def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
 def test_export_lora_and_download(studio, tiny_sd):
     from safetensors import safe_open
 
-    for fmt, key in [("diffusers", ".lora_A.weight"), ("kohya", ".lora_down.weight")]:
+    for fmt, key in [("diffusers", ".lora.down.weight"), ("kohya", ".lora_down.weight")]:
         path = studio.export_lora("b", fmt)
         assert path.name == "b.lora.safetensors" and path.is_relative_to(studio.scratch)
         with safe_open(str(path), "pt") as f:
