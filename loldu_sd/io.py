@@ -26,9 +26,9 @@ from torch import nn
 
 from .config import LoLDUConfig
 from .decompose import fingerprint, top_r_ldu
-from .layer import LoLDULinear
+from .layer import LoLDULinear, adapter_name_problem, delta_ratio, ratio_problem
 from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
-                    loldu_layers)
+                    loldu_layers, loldu_value_problem, merged_adapters, remove_loldu)
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 1
@@ -111,6 +111,10 @@ def save_loldu(path: str | Path, modules: Components, adapter_name: str = "defau
                metadata: dict[str, str] | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter `adapter_name` of a module (or {component: module}) to a safetensors file, atomically."""
     tensors, layers = loldu_state_dict(modules, adapter_name)
+    for comp in layers:
+        problem = loldu_value_problem(components(modules)[comp], adapter_name)
+        if problem:
+            raise ValueError(f"{path}: not saved: layer {_prefix(comp)}{problem}; any previous file is untouched")
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -152,19 +156,42 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
+def _layer_list_problem(layers) -> str | None:
+    """Why a file's `layers` metadata is malformed (see the module docstring), or None."""
+    if not isinstance(layers, dict):
+        return f"layers is {type(layers).__name__}, not a JSON object"
+    for comp, entries in layers.items():
+        if not isinstance(entries, list) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int and e[1] >= 1
+                for e in entries):
+            return f"layers of component {comp!r} are not a list of [name, positive rank] pairs"
+        names = [name for name, _ in entries]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            return f"layer {comp + '.' if comp else ''}{twice} is listed twice"
+    return None
+
+
+def parse_metadata(path: str | Path, meta: dict[str, str]) -> tuple[LoLDUConfig, dict[str, list[list]]]:
+    """The config and layer list of an adapter file's metadata; one-line LoLDUFormatError if either is malformed."""
+    try:
+        config = LoLDUConfig.from_dict(json.loads(meta["config"]))
+        layers = json.loads(meta["layers"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({type(e).__name__}: {e})") from None
+    problem = _layer_list_problem(layers)
+    if problem:
+        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({problem})")
+    return config, layers
+
+
 def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
     """Check everything against the model without changing it.
 
     Returns (config, [(comp, name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed here,
     once.
     """
-    try:
-        config = LoLDUConfig.from_dict(json.loads(meta["config"]))
-        layers = json.loads(meta["layers"])
-        if not isinstance(layers, dict):
-            raise TypeError("layers is not a JSON object")
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({e})") from None
+    config, layers = parse_metadata(path, meta)
     plan, pivot_drift, maps = [], [], {}
     for comp, entries in layers.items():
         if comp not in comps:
@@ -172,15 +199,15 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                                    f"(have {sorted(comps)})")
         p = _prefix(comp)
         z, sigma, fp = (tensors.get(p + k) for k in ("loldu.z", "loldu.sigma", "loldu.fingerprint"))
-        ranks = [int(r) for _, r in entries]
+        ranks = [r for _, r in entries]
         if (z is None or sigma is None or fp is None or z.shape != (sum(ranks),)
                 or sigma.shape != (len(entries),) or fp.shape != (len(entries), 3)):
             raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
+        if not torch.isfinite(fp).all():  # NaN compares unequal to everything: it would read as "other base model"
+            raise LoLDUFormatError(f"{path}: corrupted: the base-model fingerprint of component {comp!r} holds NaN/inf")
         modules = maps[comp] = _submodules(comps[comp])
         for i, ((name, rank), (zi, si)) in enumerate(zip(entries, layer_values(tensors, comp, ranks))):
             where = f"{comp}.{name}" if comp else name
-            if not (torch.isfinite(zi).all() and torch.isfinite(si)):
-                raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
             if layer is None:
                 raise LoLDUFormatError(f"{path}: target layer {where} does not exist in this model "
@@ -202,6 +229,11 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module]):
                 raise LoLDUBaseMismatchError(
                     f"{path}: made for a different base model: first mismatching layer {where} "
                     f"(||W0|| {float(fp[i, 0]):.6g} in the file vs {float(mine[0]):.6g} here)")
+            dev = factors.B.device
+            s = si.to(dev).float() * zi.to(dev).float() - config.sigma0 * factors.z0[:rank].float()
+            problem = ratio_problem(float(delta_ratio(s, factors.B, factors.A, factors.weight_norm)))
+            if problem:
+                raise LoLDUFormatError(f"{path}: layer {where} {problem}; the adapter is unusable")
             if mine[2] != fp[i, 2]:
                 pivot_drift.append(where)
             plan.append((comp, name, zi, si, factors))
@@ -218,20 +250,32 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
     tensors, meta = read_adapter_file(path)
     comps = components(modules)
     name = adapter_name or meta.get("adapter_name") or "default"
+    problem = adapter_name_problem(name)
+    if problem:
+        raise LoLDUFormatError(f"{path}: adapter name {name!r} {problem}; pass adapter_name=... to load it")
     if name in loldu_adapter_names(comps):
         raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                "or delete that adapter first")
+    fused = merged_adapters(comps)
     config, plan, maps = _plan_load(path, tensors, meta, comps)
-    layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
-              for comp, modules in maps.items()}
-    with torch.no_grad():
-        for comp, layer_name, z, sigma, factors in plan:
-            adapter = layers[comp][layer_name].add_adapter(name, config, factors=factors, layer_name=layer_name)
-            adapter.z.copy_(z)
-            adapter.sigma.copy_(sigma)
+    try:
+        layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
+                  for comp, modules in maps.items()}
+        with torch.no_grad():
+            for comp, layer_name, z, sigma, factors in plan:
+                adapter = layers[comp][layer_name].add_adapter(name, config, factors=factors, layer_name=layer_name)
+                adapter.z.copy_(z)
+                adapter.sigma.copy_(sigma)
+    except BaseException:  # e.g. out of memory, Ctrl-C: take back what was added, unwrap what was wrapped
+        for module in comps.values():
+            remove_loldu(module, [name] if name in loldu_adapter_names(module) else [])
+        raise
+    if fused:  # exact (factors come from the unfused W0), but easy to miss
+        warnings.warn(f"{path}: adapters {fused} are fused into the weights; {name!r} is active on top of them "
+                      "(unfuse first to use it alone)", stacklevel=2)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return LoadedAdapter(name=name, config=config, metadata=meta, extra_tensors=extra)
 
 
 __all__ = ["LOLDU_WEIGHT_NAME", "LoLDUFormatError", "LoLDUBaseMismatchError", "LoadedAdapter", "save_loldu",
-           "load_loldu", "read_adapter_file", "loldu_state_dict", "atomic_write"]
+           "load_loldu", "read_adapter_file", "parse_metadata", "loldu_state_dict", "atomic_write"]
