@@ -33,6 +33,7 @@ from loldu_sd.studio import (
     StudioError,
     TrainRequest,
     load_images,
+    renamed,
     suggest_instance_prompt,
 )
 
@@ -45,30 +46,36 @@ CSS = """
 """
 
 
+LIBRARY_ROWS = 200
+
+
 # ---- presentation helpers -----------------------------------------------------------------------------------------
-def _thumb_uri(path, size: int = 96) -> str:
+def _thumb_uri(im: Image.Image, size: int = 96) -> str:
     """A small JPEG data URI of a library sample (no file serving needed)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+    im = im.copy()
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def library_html(library: AdapterLibrary) -> str:
     """The Library table: name, base model, rank, size in KB, creation time, sample image."""
-    rows = []
-    for a in library.list():
-        img = f'<img src="{_thumb_uri(a.sample)}" alt="sample">' if a.sample else "<i>no sample</i>"
+    rows, (adapters, skipped) = [], library.scan()
+    if len(adapters) > LIBRARY_ROWS:  # a thumbnail per row: a 10,000-adapter library would take minutes
+        skipped = [f"showing the newest {LIBRARY_ROWS} of {len(adapters)} adapters (all are in the pickers)", *skipped]
+    for a in adapters[:LIBRARY_ROWS]:
+        sample = library.sample_image(a)
+        img = f'<img src="{_thumb_uri(sample)}" alt="sample">' if sample else "<i>no sample</i>"
         note = f"<br><small>{html.escape(a.note)}</small>" if a.note else ""
         rows.append(f"<tr data-adapter=\"{html.escape(a.name)}\"><td>{img}</td><td><b>{html.escape(a.name)}</b>"
                     f"{note}</td><td>{html.escape(a.base_model)}</td><td>{a.rank or '?'}</td>"
                     f"<td class='size'>{a.size_kb:.1f} KB</td><td>{a.created_str}</td></tr>")
+    notes = "".join(f"<p class='library-skipped'><small>{html.escape(n)}</small></p>" for n in skipped)
     if not rows:
-        return "<p id='library-empty'>The library is empty: train an adapter or import one below.</p>"
+        return f"<p id='library-empty'>The library is empty: train an adapter or import one below.</p>{notes}"
     head = "<tr><th>sample</th><th>name</th><th>base model</th><th>rank</th><th>size</th><th>created</th></tr>"
-    return f"<table class='loldu-lib'>{head}{''.join(rows)}</table>"
+    return f"<table class='loldu-lib'>{head}{''.join(rows)}</table>{notes}"
 
 
 def status_html(snap: JobSnapshot | None = None, text: str = "") -> str:
@@ -225,7 +232,7 @@ class Events:
         if not name:
             raise StudioError("pick an adapter first")
         info = self.studio.rename_adapter(name, new)
-        return None, f"{name} renamed to {info.name}"
+        return None, f"{name} renamed to {info.name}{renamed(new, info.name)}"
 
     @_library_action
     def import_adapter(self, upload, name):
@@ -233,7 +240,8 @@ class Events:
         if not upload:
             raise StudioError("choose a .safetensors adapter file first")
         info = self.studio.import_adapter(upload, name or None)
-        return None, f"imported {info.name} ({info.size_kb:.1f} KB, rank {info.rank})"
+        note = renamed(name, info.name) if name else ""
+        return None, f"imported {info.name} ({info.size_kb:.1f} KB, rank {info.rank}){note}"
 
 
 # ---- layout: one builder per tab ----------------------------------------------------------------------------------

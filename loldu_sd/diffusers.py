@@ -95,7 +95,7 @@ def _follow_scale(module: nn.Module, read_scale) -> None:
         saved.append(scale.value)
         value = read_scale(kwargs)
         if value is not None:
-            scale.value = float(value)
+            scale.value = core.finite_float(value, "the LoLDU/LoRA scale")
 
     def after(_module, _args, _kwargs, _output):
         if saved:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,9 @@ from torch import nn
 
 from .config import LoLDUConfig
 from .decompose import LDUFactors, fingerprint, lapack_threads, legacy_pivots, top_r_ldu, unit_roundoff
-from .layer import LoLDULinear
+from .layer import LoLDULinear, adapter_name_problem, delta_ratio, ratio_problem
 from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
-                    loldu_layers)
+                    loldu_layers, loldu_value_problem, merged_adapters, remove_loldu)
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 2
@@ -127,6 +128,10 @@ def save_loldu(path: str | Path, modules: Components, adapter_name: str = "defau
     carry checkpoint names where a library version names the modules without it (see loldu_sd.naming).
     """
     tensors, layers = loldu_state_dict(modules, adapter_name, name_prefixes)
+    for comp in layers:
+        problem = loldu_value_problem(components(modules)[comp], adapter_name)
+        if problem:
+            raise ValueError(f"{path}: not saved: layer {_prefix(comp)}{problem}; any previous file is untouched")
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -264,6 +269,35 @@ def base_factors(layer: nn.Module, config: LoLDUConfig, rank: int, where: str, p
     return factors
 
 
+def _layer_list_problem(layers) -> str | None:
+    """Why a file's `layers` metadata is malformed (see the module docstring), or None."""
+    if not isinstance(layers, dict):
+        return f"layers is {type(layers).__name__}, not a JSON object"
+    for comp, entries in layers.items():
+        if not isinstance(entries, list) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int and e[1] >= 1
+                for e in entries):
+            return f"layers of component {comp!r} are not a list of [name, positive rank] pairs"
+        names = [name for name, _ in entries]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            return f"layer {comp + '.' if comp else ''}{twice} is listed twice"
+    return None
+
+
+def parse_metadata(path: str | Path, meta: dict[str, str]) -> tuple[LoLDUConfig, dict[str, list[list]]]:
+    """The config and layer list of an adapter file's metadata; one-line LoLDUFormatError if either is malformed."""
+    try:
+        config = LoLDUConfig.from_dict(json.loads(meta["config"]))
+        layers = json.loads(meta["layers"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({type(e).__name__}: {e})") from None
+    problem = _layer_list_problem(layers)
+    if problem:
+        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({problem})")
+    return config, layers
+
+
 def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_prefixes: dict[str, str] | None = None,
                cache: dict[tuple, LDUFactors] | None = None):
     """Check everything against the model without changing it.
@@ -272,14 +306,8 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
     here with the file's pivot order forced, at most once per layer and rank (`cache`: factors kept between calls,
     as base_factors takes it).
     """
-    try:
-        raw_config = json.loads(meta["config"])
-        config = LoLDUConfig.from_dict(raw_config)
-        layers = json.loads(meta["layers"])
-        if not isinstance(layers, dict):
-            raise TypeError("layers is not a JSON object")
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({e})") from None
+    config, layers = parse_metadata(path, meta)
+    raw_config = json.loads(meta["config"])  # version 1 files name their canonical dtype here
     version, canonical = int(meta["format_version"]), raw_config.get("canonical_dtype", LEGACY_CANONICAL)
     plan, maps = [], {}
     for comp, entries in layers.items():
@@ -287,13 +315,19 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
             raise LoLDUFormatError(f"{path}: adapter has layers for component {comp!r}, which this model lacks "
                                    f"(have {sorted(comps)})")
         z, sigma, fp, piv = _component_tensors(path, tensors, comp, entries, version)
+        if not torch.isfinite(fp).all():  # NaN compares unequal to everything: it would read as "other base model"
+            raise LoLDUFormatError(f"{path}: corrupted: the base-model fingerprint of component {comp!r} holds NaN/inf")
         modules = maps[comp] = _submodules(comps[comp])
         ranks = [int(r) for _, r in entries]
         pivs = piv.split(ranks) if piv is not None else [None] * len(ranks)
+        seen = set()
         for i, ((name, rank), (zi, si), pi) in enumerate(zip(entries, layer_values(tensors, comp, ranks), pivs)):
             rank = int(rank)
             where = f"{comp}.{name}" if comp else name
             name = _module_name(name, modules, (name_prefixes or {}).get(comp, ""))
+            if name in seen:  # listed with and without the checkpoint prefix: one layer twice
+                raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (layer {where} is listed twice)")
+            seen.add(name)
             if not (torch.isfinite(zi).all() and torch.isfinite(si) and torch.isfinite(fp[i]).all()):
                 raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
@@ -313,6 +347,11 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
                 raise LoLDUFormatError(
                     f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
                     "other rows (made on another precision copy); load this adapter into a fresh model")
+            dev = factors.B.device
+            s = si.to(dev).float() * zi.to(dev).float() - config.sigma0 * factors.z0[:rank].float()
+            problem = ratio_problem(float(delta_ratio(s, factors.B, factors.A, factors.weight_norm)))
+            if problem:
+                raise LoLDUFormatError(f"{path}: layer {where} {problem}; the adapter is unusable")
             plan.append((comp, name, zi, si, factors))
     return config, plan, maps
 
@@ -327,21 +366,33 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
     tensors, meta = read_adapter_file(path)
     comps = components(modules)
     name = adapter_name or meta.get("adapter_name") or "default"
+    problem = adapter_name_problem(name)
+    if problem:
+        raise LoLDUFormatError(f"{path}: adapter name {name!r} {problem}; pass adapter_name=... to load it")
     if name in loldu_adapter_names(comps):
         raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                "or delete that adapter first")
+    fused = merged_adapters(comps)
     with lapack_threads(1):
         config, plan, maps = _plan_load(path, tensors, meta, comps, name_prefixes or {})
-    layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
-              for comp, modules in maps.items()}
-    with torch.no_grad():
-        for comp, layer_name, z, sigma, factors in plan:
-            adapter = layers[comp][layer_name].add_adapter(name, config, factors=factors, layer_name=layer_name)
-            adapter.z.copy_(z)
-            adapter.sigma.copy_(sigma)
+    try:
+        layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
+                  for comp, modules in maps.items()}
+        with torch.no_grad():
+            for comp, layer_name, z, sigma, factors in plan:
+                adapter = layers[comp][layer_name].add_adapter(name, config, factors=factors, layer_name=layer_name)
+                adapter.z.copy_(z)
+                adapter.sigma.copy_(sigma)
+    except BaseException:  # e.g. out of memory, Ctrl-C: take back what was added, unwrap what was wrapped
+        for module in comps.values():
+            remove_loldu(module, [name] if name in loldu_adapter_names(module) else [])
+        raise
+    if fused:  # exact (factors come from the unfused W0), but easy to miss
+        warnings.warn(f"{path}: adapters {fused} are fused into the weights; {name!r} is active on top of them "
+                      "(unfuse first to use it alone)", stacklevel=2)
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return LoadedAdapter(name=name, config=config, metadata=meta, extra_tensors=extra)
 
 
 __all__ = ["LOLDU_WEIGHT_NAME", "LoLDUFormatError", "LoLDUBaseMismatchError", "LoadedAdapter", "save_loldu",
-           "load_loldu", "read_adapter_file", "loldu_state_dict", "atomic_write"]
+           "load_loldu", "read_adapter_file", "parse_metadata", "loldu_state_dict", "atomic_write"]

@@ -9,6 +9,8 @@ Factors are nested, so adapters of different ranks share the leading columns/row
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,6 +83,50 @@ class RuntimeScale:
         self.hooks.clear()
 
 
+# A delta beyond 1e4 x ||W0||_F swamps its layer: activations grow by that factor per adapted layer, overflow fp16
+# (65504) within a block and saturate softmax, i.e. NaN/inf images. Trained adapters stay far below 1.
+MAX_DELTA_RATIO = 1e4
+
+
+def delta_ratio(s: torch.Tensor, B: torch.Tensor, A: torch.Tensor, weight_norm: float) -> torch.Tensor:
+    """Upper bound of ||B diag(s) A||_F / ||W0||_F as a 0-dim float64 tensor (NaN/inf when s is not finite)."""
+    r = s.numel()
+    bound = (s.double().abs() * B[:, :r].double().norm(dim=0) * A[:r].double().norm(dim=1)).sum()
+    return bound / max(weight_norm, 1e-30)
+
+
+def ratio_problem(ratio: float) -> str | None:
+    """Why a delta_ratio makes an adapter unusable, or None when it is fine."""
+    if not math.isfinite(ratio):
+        return "holds NaN/inf values"
+    if ratio > MAX_DELTA_RATIO:
+        return (f"changes its layer by up to {ratio:.3g} x ||W0|| (limit {MAX_DELTA_RATIO:g}); values this large "
+                "give NaN/inf outputs")
+    return None
+
+
+_MODULE_DICT = nn.ModuleDict()  # adapters live in one: its attribute names ("keys", "training", ...) are taken
+
+
+def adapter_name_problem(name: object) -> str | None:
+    """Why `name` cannot name an adapter (empty, has a '.', or a ModuleDict attribute), or None when it can."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if "." in name:
+        return "must not contain '.'"
+    if hasattr(_MODULE_DICT, name):
+        return "is reserved (an attribute of torch's ModuleDict)"
+    return None
+
+
+def check_adapter_name(name: object) -> None:
+    """ValueError when adapter_name_problem finds one: raised before any layer is wrapped or changed."""
+    problem = adapter_name_problem(name)
+    if problem:
+        raise ValueError(f"adapter name {name!r} {problem}; pick another name")
+
+
+
 class LoLDUAdapter(nn.Module):
     """One adapter of one layer: trainable z (r) and sigma, frozen z0 and sigma0."""
 
@@ -130,6 +176,7 @@ class LoLDULinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.register_parameter("bias", linear.bias)
+        layer._loldu_base_grads = [p.requires_grad for p in (linear.weight, linear.bias) if p is not None]
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -139,6 +186,7 @@ class LoLDULinear(nn.Linear):
         layer.register_buffer("loldu_pivots", None, persistent=False)  # (R,) rows eliminated, in order
         layer.loldu_active: list[str] = []
         layer.loldu_merged: list[str] = []
+        layer._loldu_merges: list[tuple[list[str], float]] = []  # (names, scale) per merge call, for unmerge
         layer.loldu_runtime_scale = RuntimeScale() if scale is None else scale
         # (batch, R) per-sample diagonals while loldu_sd.batch binds one; they replace the active adapters
         layer.loldu_sample_diag = None
@@ -154,6 +202,8 @@ class LoLDULinear(nn.Linear):
         linear.in_features, linear.out_features = self.in_features, self.out_features
         linear.weight = self.weight
         linear.register_parameter("bias", self.bias)
+        for p, grad in zip((p for p in (self.weight, self.bias) if p is not None), self._loldu_base_grads):
+            p.requires_grad_(grad)  # frozen for the adapter only: give back the layer as it came
         return linear
 
     # ---- adapters -------------------------------------------------------------------------------------------
@@ -179,6 +229,7 @@ class LoLDULinear(nn.Linear):
         """Add adapter `name` (rank clamped to min(out, in)); decomposes W0 unless `factors` are given."""
         if name in self.loldu_adapters:
             raise ValueError(f"{layer_name}: adapter {name!r} already exists")
+        check_adapter_name(name)
         rank = min(config.rank, self.max_rank())
         current = 0 if self.loldu_B is None else self.loldu_B.shape[1]
         if factors is None or factors.B.shape[1] < rank:  # the held row order stays: other adapters keep theirs
@@ -200,6 +251,11 @@ class LoLDULinear(nn.Linear):
             self.loldu_B = factors.B.to(self.weight.dtype)
             self.loldu_A = factors.A.to(self.weight.dtype)
             self.loldu_pivots = factors.pivots.clone()
+
+    def adapter_ratios(self) -> dict[str, torch.Tensor]:
+        """delta_ratio of every adapter of this layer (tensors: callers sync once for all layers)."""
+        return {n: delta_ratio(a.diag().detach(), self.loldu_B, self.loldu_A, a.weight_norm)
+                for n, a in self.loldu_adapters.items()}
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if needed)."""
@@ -282,19 +338,20 @@ class LoLDULinear(nn.Linear):
         merged = self.weight.data.float() + self.delta_weight(names, scale)
         self.weight.data = merged.to(self.weight.dtype)
         self.loldu_merged.extend(names)
-        self._loldu_merge_scale = scale
+        self._loldu_merges.append((names, float(scale)))
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:
-        """Undo merges of `names` (default all): restores W0 bit-exactly, then re-merges the others."""
+        """Undo merges of `names` (default all): restores W0 bit-exactly, then re-merges the others as they were."""
         if self._loldu_original_weight is None:
             return
-        keep = [] if names is None else [a for a in self.loldu_merged if a not in names]
+        replay = [] if names is None else [([a for a in group if a not in names], scale)
+                                           for group, scale in self._loldu_merges]
         self.weight.data = self._loldu_original_weight
         self._loldu_original_weight = None
-        self.loldu_merged = []
-        if keep:
-            self.merge(keep, self._loldu_merge_scale)
+        self.loldu_merged, self._loldu_merges = [], []
+        for group, scale in replay:  # each remaining merge with its own scale, in its order: exact
+            self.merge(group, scale)
 
     def extra_repr(self) -> str:
         ranks = {n: a.rank for n, a in self.loldu_adapters.items()}

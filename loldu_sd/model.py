@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator, Mapping
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from .config import LoLDUConfig
 from .decompose import lapack_threads
-from .layer import LoLDULinear, RuntimeScale
+from .layer import LoLDULinear, RuntimeScale, check_adapter_name, ratio_problem
 
 
 Components = nn.Module | Mapping[str, nn.Module | None]  # a model, or a pipeline's named models
@@ -87,6 +88,7 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
             sample = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)][:8]
             raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear layer; "
                              f"Linear layers here look like {sample}")
+    check_adapter_name(adapter_name)
     if any(adapter_name in layer.loldu_adapters for _, layer in loldu_layers(module)):
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
     modules = _submodules(module)
@@ -131,6 +133,33 @@ def project_loldu_(module: Components) -> None:
             adapter.project_()
 
 
+def loldu_value_problem(module: Components, adapter_name: str | None = None) -> str | None:
+    """'layer (adapter) <problem>' for the first adapter whose values are NaN/inf or absurdly large; None if none."""
+    entries = [(f"{n} ({a})", ratio) for n, layer in loldu_layers(module) for a, ratio in layer.adapter_ratios().items()
+               if adapter_name in (None, a)]
+    if not entries:
+        return None
+    ratios = torch.stack([r for _, r in entries]).cpu().tolist()  # one device sync for all layers
+    for (where, _), ratio in zip(entries, ratios):
+        problem = ratio_problem(ratio)
+        if problem:
+            return f"{where} {problem}"
+    return None
+
+
+def merged_adapters(module: Components) -> list[str]:
+    """Names of the adapters merged (fused) into some layer's weight, sorted."""
+    return sorted({n for _, layer in loldu_layers(module) for n in layer.loldu_merged})
+
+
+def check_not_merged(module: Components, action: str) -> None:
+    """RuntimeError naming the merged (fused) adapters: `action` would mix fused and unfused state silently."""
+    merged = merged_adapters(module)
+    if merged:
+        raise RuntimeError(f"adapters {merged} are merged (fused) into the weights; unmerge before {action} "
+                           "(pipelines: unfuse_loldu())")
+
+
 def _check_names(module: Components, names: list[str]) -> None:
     present = loldu_adapter_names(module)
     missing = [n for n in names if n not in present]
@@ -138,18 +167,37 @@ def _check_names(module: Components, names: list[str]) -> None:
         raise ValueError(f"unknown LoLDU adapter(s) {missing}; present: {present}")
 
 
+def finite_float(value: float, what: str) -> float:
+    """`value` as a float, or a one-line ValueError naming `what` when it is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def mix_weights(names: list[str], weights: float | list[float] | None) -> list[float]:
+    """One finite weight per adapter name (default 1.0); a name given twice is refused rather than overwritten."""
+    if weights is None or not isinstance(weights, (list, tuple)):
+        weights = [1.0 if weights is None else weights] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"adapter(s) {twice} given twice; give each once with its weight")
+    return [finite_float(w, f"the weight of adapter {n!r}") for n, w in zip(names, weights)]
+
+
 def set_loldu_adapters(module: Components, names: str | list[str], weights: float | list[float] | None = None) -> None:
     """Make `names` the active adapters, each with a mixing weight (default 1.0)."""
     names = [names] if isinstance(names, str) else list(names)
-    if weights is not None and not isinstance(weights, (list, tuple)):
-        weights = [weights] * len(names)
-    if weights is not None and len(weights) != len(names):
-        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+    weights = mix_weights(names, weights)
     _check_names(module, names)
-    if any(layer.loldu_merged for _, layer in loldu_layers(module)):  # check first: no half-switched model
-        raise RuntimeError("adapters are merged (fused); unmerge before changing the active adapters")
+    check_not_merged(module, "changing the active adapters")  # check first: no half-switched model
     for _, layer in loldu_layers(module):
-        here = [(n, w) for n, w in zip(names, weights or [1.0] * len(names)) if n in layer.loldu_adapters]
+        here = [(n, w) for n, w in zip(names, weights) if n in layer.loldu_adapters]
         layer.set_active([n for n, _ in here], [w for _, w in here])
 
 
@@ -163,6 +211,7 @@ def get_loldu_adapters(module: Components) -> dict[str, float]:
 
 def merge_loldu(module: Components, adapter_names: list[str] | None = None, scale: float = 1.0) -> None:
     """Fuse the active (or named) adapters into the base weights; inference then costs exactly the base."""
+    scale = finite_float(scale, "the fuse scale")
     for _, layer in loldu_layers(module):
         layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.loldu_adapters], scale)
 
@@ -202,11 +251,12 @@ def _remove_from(root: nn.Module, adapter_names: list[str] | None) -> None:
 @contextlib.contextmanager
 def loldu_scale(module: Components, scale: float):
     """Temporarily multiply every unmerged adapter's delta by `scale` (like LoRA's cross_attention_kwargs scale)."""
+    scale = finite_float(scale, "the LoLDU/LoRA scale")
     scales = list({id(layer.loldu_runtime_scale): layer.loldu_runtime_scale for _, layer in loldu_layers(module)}
                   .values())
     old = [s.value for s in scales]
     for s in scales:
-        s.value = float(scale)
+        s.value = scale
     try:
         yield module
     finally:

@@ -177,7 +177,8 @@ def test_load_after_fuse_is_supported(pipe, base, tmp_path):
     pipe.delete_loldu_adapters("a")
     pipe.set_loldu_adapters("b")
     pipe.fuse_loldu()
-    pipe.load_loldu_weights(tmp_path / "a")  # decomposed from the unfused base weights, added on top
+    with pytest.warns(UserWarning, match="active on top of them"):  # exact, but said
+        pipe.load_loldu_weights(tmp_path / "a")  # decomposed from the unfused base weights, added on top
     assert torch.allclose(images(pipe), both, atol=1e-5)
 
 
@@ -396,3 +397,36 @@ def test_adapter_files_name_text_encoder_layers_as_checkpoints_do(pipe, tmp_path
     pipe.unload_loldu_weights()
     pipe.load_loldu_weights(path)
     assert torch.equal(images(pipe), ref)
+
+
+def test_deleting_a_later_fused_adapter_keeps_the_earlier_fused_at_its_own_scale(pipe, tmp_path):
+    add(pipe, "a", seed=1)
+    pipe.save_loldu_weights(tmp_path / "a", adapter_name="a")
+    add(pipe, "b", seed=2)
+    pipe.save_loldu_weights(tmp_path / "b", adapter_name="b")
+    pipe.unload_loldu_weights()
+    pipe.load_loldu_weights(tmp_path / "a")
+    pipe.fuse_loldu()
+    a_alone = images(pipe)
+    with pytest.warns(UserWarning, match=r"adapters \['a'\] are fused into the weights; 'b' is active on top"):
+        pipe.load_loldu_weights(tmp_path / "b")
+    pipe.fuse_loldu(scale=0.5)
+    pipe.delete_loldu_adapters("b")
+    assert torch.equal(images(pipe), a_alone)  # 'a' fused at 1.0, as it was, not at the last fuse's 0.5
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: p.set_loldu_adapters(["a", "b"], [1.0, float("nan")]), "weight of adapter 'b' must be a finite"),
+    (lambda p: p.set_loldu_adapters(["a", "a"], [1.0, 0.5]), r"\['a'\] given twice"),
+    (lambda p: p.fuse_loldu(scale=float("nan")), "fuse scale must be a finite"),
+    (lambda p: p(["x"], num_inference_steps=1, cross_attention_kwargs={"scale": float("inf")}), "scale must be a fin"),
+])
+def test_nan_weights_and_scales_and_repeated_names_are_refused_and_change_nothing(call, match, pipe):
+    add(pipe, "a", text=True)
+    add(pipe, "b", seed=2)
+    pipe.set_loldu_adapters(["a", "b"], [0.7, 0.4])
+    before = images(pipe)
+    with pytest.raises(ValueError, match=match) as e:
+        call(pipe)
+    assert "\n" not in str(e.value) and pipe.get_loldu_adapters() == {"a": 0.7, "b": 0.4}
+    assert torch.equal(images(pipe), before)

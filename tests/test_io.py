@@ -305,6 +305,28 @@ def make_bad_file(case: str, tmp, src):
         rewrite(src, path, lambda t, m: t["loldu.z"].__setitem__(9, float("nan")))
     elif case == "inf_sigma":
         rewrite(src, path, lambda t, m: t["loldu.sigma"].__setitem__(4, float("inf")))
+    elif case == "huge_z":  # finite, but 1e30 x the base weight: NaN images
+        rewrite(src, path, lambda t, m: t["loldu.z"].__setitem__(9, 1e30))
+    elif case == "duplicate_layer":  # the first layer listed twice, z and sigma grown to match
+        def twice(t, m):
+            layers = json.loads(m["layers"])
+            layers[""].append(layers[""][0])
+            m["layers"] = json.dumps(layers)
+            t["loldu.z"], t["loldu.sigma"] = torch.cat([t["loldu.z"], t["loldu.z"][:4]]), torch.cat(
+                [t["loldu.sigma"], t["loldu.sigma"][:1]])
+            t["loldu.fingerprint"] = torch.cat([t["loldu.fingerprint"], t["loldu.fingerprint"][:1]])
+        rewrite(src, path, twice)
+    elif case in ("layers_null", "layers_abc", "layer_list_null"):
+        text = {"layers_null": "null", "layers_abc": '"abc"', "layer_list_null": '{"": null}'}[case]
+        rewrite(src, path, lambda t, m: m.update(layers=text))
+    elif case == "rank_word":
+        rewrite(src, path, lambda t, m: m.update(layers=m["layers"].replace(",4]", ',"thirty"]', 1)))
+    elif case == "config_rank_word":
+        rewrite(src, path, lambda t, m: m.update(config=m["config"].replace('"rank":4', '"rank":"thirty"')))
+    elif case in ("name_dot", "name_keys"):
+        rewrite(src, path, lambda t, m: m.update(adapter_name={"name_dot": "a.b", "name_keys": "keys"}[case]))
+    elif case == "nan_fingerprint":
+        rewrite(src, path, lambda t, m: t["loldu.fingerprint"].__setitem__((2, 0), float("nan")))
     elif case == "newer_version":
         rewrite(src, path, lambda t, m: m.update(format_version="99"))
     elif case == "no_version":
@@ -330,6 +352,16 @@ BAD_FILES = {  # case: (error, words its message must hold)
     "target_missing": (LoLDUFormatError, ["target layer blocks.1.attn.to_x does not exist"]),
     "nan_z": (LoLDUFormatError, ["layer blocks.0.attn.to_v", "NaN/inf"]),
     "inf_sigma": (LoLDUFormatError, ["layer blocks.0.ff.0", "NaN/inf"]),
+    "huge_z": (LoLDUFormatError, ["layer blocks.0.attn.to_v", "x ||W0||", "NaN/inf outputs"]),
+    "duplicate_layer": (LoLDUFormatError, ["layer blocks.0.attn.to_q is listed twice"]),
+    "layers_null": (LoLDUFormatError, ["corrupted LoLDU metadata", "layers is NoneType"]),
+    "layers_abc": (LoLDUFormatError, ["corrupted LoLDU metadata", "layers is str"]),
+    "layer_list_null": (LoLDUFormatError, ["corrupted LoLDU metadata", "[name, positive rank] pairs"]),
+    "rank_word": (LoLDUFormatError, ["corrupted LoLDU metadata", "[name, positive rank] pairs"]),
+    "config_rank_word": (LoLDUFormatError, ["corrupted LoLDU metadata", "rank must be a positive integer"]),
+    "name_dot": (LoLDUFormatError, ["adapter name 'a.b' must not contain '.'", "adapter_name="]),
+    "name_keys": (LoLDUFormatError, ["adapter name 'keys' is reserved"]),
+    "nan_fingerprint": (LoLDUFormatError, ["fingerprint", "NaN/inf"]),
     "newer_version": (LoLDUFormatError, ["version 99 is newer", "upgrade"]),
     "no_version": (LoLDUFormatError, ["format_version '' is not a number"]),
     "missing": (FileNotFoundError, ["no such adapter file"]),
@@ -442,3 +474,64 @@ def test_overwrite_replaces_file_without_leftovers(saved):
     remove_loldu(net)
     load_loldu(path, net)
     assert torch.equal(net(x), y)
+
+
+# ---- names, values and interrupted loads ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["a.b", "keys", "training", ""])
+def test_unusable_adapter_names_are_refused_before_any_layer_is_wrapped(name, saved, target):
+    _, path, _, _ = saved
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match="adapter name") as excinfo:
+        load_loldu(path, target, adapter_name=name or None) if name else add_loldu(
+            target, LoLDUConfig(rank=2, target_modules=TARGETS), name)
+    assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="adapter name"):
+        add_loldu(target, LoLDUConfig(rank=2, target_modules=TARGETS), name)
+    assert_unchanged(target, snap)
+
+
+def test_a_load_interrupted_midway_takes_back_every_layer_it_wrapped(saved, target, monkeypatch):
+    _, path, _, _ = saved
+    real, calls = LoLDULinear.add_adapter, []
+
+    def fail_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoLDULinear, "add_adapter", fail_on_third)
+    snap = snapshot(target)
+    with pytest.raises(KeyboardInterrupt):
+        load_loldu(path, target)
+    assert_unchanged(target, snap)
+    monkeypatch.undo()
+    load_loldu(path, target)  # and the same load then works
+    assert "default" in loldu_adapter_names(target)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+def test_nan_inf_or_absurd_values_are_never_saved(value, saved):
+    net, path, _, _ = saved
+    before = path.read_bytes()
+    with torch.no_grad():
+        net.blocks[1].attn.to_k.loldu_adapters["default"].z[0] = value
+    with pytest.raises(ValueError, match=r"not saved: layer blocks\.1\.attn\.to_k \(default\)") as excinfo:
+        save_loldu(path, net)
+    check_error(excinfo, path, "previous file is untouched")
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
+
+
+def test_ctrl_c_during_a_save_leaves_the_previous_file_and_no_temp(saved, monkeypatch):
+    net, path, _, _ = saved
+    before = path.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loldu_sd.io, "save_file", interrupted)
+    randomise(net, "default")
+    with pytest.raises(KeyboardInterrupt):
+        save_loldu(path, net)
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]

@@ -309,3 +309,29 @@ def test_layer_list_follows_every_structural_change():
     assert [n for n, _ in loldu_layers(net)] == ["0", "1"]
     remove_loldu(net)
     assert [n for n, _ in loldu_layers(net)] == []
+
+
+def test_unmerge_of_one_adapter_replays_the_other_merges_with_their_own_scales(tiny_net):
+    net, x = tiny_net(), torch.randn(2, 5, 6)
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["to_q", "to_v"]), "a")
+    randomise(net, "a")
+    merge_loldu(net, ["a"], scale=1.0)
+    a_alone = net(x).detach()
+    add_loldu(net, LoLDUConfig(rank=3, target_modules=["to_q"]), "b")
+    randomise(net, "b")
+    merge_loldu(net, ["b"], scale=0.5)
+    remove_loldu(net, "b")
+    assert torch.equal(net(x), a_alone)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
+def test_non_finite_weights_and_scales_are_refused(bad, tiny_net):
+    from loldu_sd import loldu_scale
+
+    net = tiny_net()
+    add_loldu(net, LoLDUConfig(rank=2, target_modules=["to_q"]), "a")
+    for call in (lambda: set_loldu_adapters(net, ["a"], [bad]), lambda: merge_loldu(net, scale=bad),
+                 lambda: loldu_scale(net, bad).__enter__()):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            call()
+    assert net.blocks[0].attn.to_q.loldu_merged == [] and net.blocks[0].attn.to_q.loldu_adapters["a"].mix_weight == 1

@@ -1,4 +1,5 @@
 """The studio logic behind app.py: names, uploads, library, generation with mixed adapters, import, export, jobs."""
+import json
 import threading
 import time
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loldu_sd import LoLDUConfig, save_loldu
@@ -174,7 +176,8 @@ def test_library_paths_stay_inside(tmp_path, tiny_net):
     (lib.root / "link").symlink_to(outside)  # a symlink planted in the library is not followed out
     with pytest.raises(StudioError, match="outside the library"):
         lib.info("link")
-    assert "link" in lib.names() and lib.list() == []  # listed names are filtered by info(): skipped
+    assert "link" not in lib.names() and lib.scan() == ([], ["skipped 'link': a symlink (the studio never follows "
+                                                              "links out of the library folder)"])
     (lib.root / ".jobs").mkdir()
     assert ".jobs" not in lib.names()
 
@@ -186,6 +189,125 @@ def test_library_skips_broken_entries(tmp_path, tiny_net):
     (lib.root / "broken" / WEIGHT_NAME).write_bytes(b"garbage")
     (lib.root / "good" / "info.json").write_text("{not json")  # a bad sidecar falls back to file times
     assert [a.name for a in lib.list()] == ["good"]
+
+
+def test_symlinked_sidecars_and_working_folders_are_never_followed_out(tmp_path, tiny_net):
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.add("good", tiny_adapter(tmp_path / "a.safetensors", tiny_net), Image.new("RGB", (8, 8)))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"instance_prompt": "SECRET"}')
+    png(outside / "secret.png")
+    folder = lib.root / "good"
+    for name, target in (("info.json", "secret.json"), ("sample.png", "secret.png")):
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside / target)
+    info = lib.info("good")
+    assert "SECRET" not in info.instance_prompt and info.sample is None and lib.sample_image(info) is None
+    lib.set_sample("good", Image.new("RGB", (8, 8), (1, 2, 3)))  # replaces the symlink, never writes through it
+    assert not (folder / "sample.png").is_symlink() and (outside / "secret.png").read_bytes() == png(
+        tmp_path / "same.png").read_bytes()
+    for hidden in (".jobs", ".class_images"):
+        (lib.root / hidden).symlink_to(outside, target_is_directory=True)
+        with pytest.raises(StudioError, match=f"{hidden} in the library folder is a symlink"):
+            lib.private_dir(hidden, "x")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.json", "secret.png"]
+
+
+def test_one_broken_adapter_folder_or_sample_is_skipped_with_a_note(tmp_path, tiny_net):
+    lib = AdapterLibrary(tmp_path / "lib")
+    src = tiny_adapter(tmp_path / "a.safetensors", tiny_net)
+    lib.add("good", src, Image.new("RGB", (64, 64), (9, 90, 200)))
+    lib.add("torn", src, Image.new("RGB", (64, 64), (9, 90, 200)))
+    sample = lib.root / "torn" / "sample.png"
+    sample.write_bytes(sample.read_bytes()[:-40])  # truncated: PIL fails only when decoding the pixels
+    (lib.root / "unreadable").mkdir()
+    (lib.root / "unreadable" / WEIGHT_NAME).write_bytes(b"garbage")
+    infos, notes = lib.scan()
+    assert sorted(a.name for a in infos) == ["good", "torn"] and len(notes) == 1 and "'unreadable'" in notes[0]
+    assert [lib.sample_image(a) is None for a in sorted(infos, key=lambda a: a.name)] == [False, True]
+
+
+def test_fifo_and_oversized_sidecars_are_ignored_without_hanging(tmp_path, tiny_net):
+    import os
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.add("x", tiny_adapter(tmp_path / "a.safetensors", tiny_net), extra={"instance_prompt": "kept"})
+    folder = lib.root / "x"
+    (folder / "info.json").unlink()
+    os.mkfifo(folder / "info.json")  # reading it would block forever
+    os.mkfifo(folder / "sample.png")
+    info = lib.info("x")
+    assert info.instance_prompt == "" and info.sample is None
+    (folder / "info.json").unlink()
+    (folder / "info.json").write_text('{"instance_prompt": "big", "pad": "' + "x" * 2**21 + '"}')
+    assert lib.info("x").instance_prompt == ""  # over 1 MB: not ours, ignored
+
+
+def test_racing_sessions_and_a_read_only_library_get_one_line(tmp_path, tiny_net, monkeypatch):
+    import errno
+    import os
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    src = tiny_adapter(tmp_path / "a.safetensors", tiny_net)
+    lib.add("a", src)
+    real = os.rename
+
+    def gone(a, b):  # another studio process renamed or deleted the folder in between
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(a))
+
+    monkeypatch.setattr(os, "rename", gone)
+    for call in (lambda: lib.rename("a", "b"), lambda: lib.delete("a")):
+        with pytest.raises(StudioError, match=r"^could not (rename|delete) 'a': No such file or directory \("):
+            call()
+    assert lib.names() == ["a"]  # the claimed name 'b' was given back
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "rename", real)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(StudioError, match=r"^could not add 'c' to the library: Permission denied \(.*read-only"):
+        lib.add("c", src)
+    monkeypatch.undo()
+    (lib.root / "d").mkdir()  # another process claimed 'd' first
+    with pytest.raises(StudioError, match="an adapter named 'd' already exists"):
+        lib.add("d", src)
+    assert lib.names() == ["a"]
+
+
+def test_the_library_table_shows_the_newest_rows_of_a_huge_library(tmp_path, tiny_net):
+    pytest.importorskip("gradio")
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from app import LIBRARY_ROWS, library_html
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.add("first", tiny_adapter(tmp_path / "a.safetensors", tiny_net))
+    for i in range(LIBRARY_ROWS + 5):  # copies of one folder: what add() writes, without its per-call cost
+        shutil.copytree(lib.root / "first", lib.root / f"n{i:04d}")
+    page = library_html(lib)
+    assert page.count("<tr data-adapter=") == LIBRARY_ROWS
+    assert f"showing the newest {LIBRARY_ROWS} of {LIBRARY_ROWS + 6} adapters" in page
+
+
+def test_the_library_table_survives_a_corrupt_sample(tmp_path, tiny_net):
+    pytest.importorskip("gradio")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from app import library_html
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.add("torn", tiny_adapter(tmp_path / "a.safetensors", tiny_net), Image.new("RGB", (64, 64), (9, 90, 200)))
+    sample = lib.root / "torn" / "sample.png"
+    sample.write_bytes(sample.read_bytes()[:-40])
+    (lib.root / "broken").mkdir()
+    (lib.root / "broken" / WEIGHT_NAME).write_bytes(b"garbage")
+    page = library_html(lib)
+    assert 'data-adapter="torn"' in page and "no sample" in page and "skipped" in page and "broken" in page
 
 
 # ---- training job state -----------------------------------------------------------------------------------------
@@ -293,6 +415,11 @@ def test_cache_follows_the_library_on_disk(studio, tiny_sd):
         studio.generate(GenerateRequest("x", [("renamed", 1.0)], steps=1))
     studio.generate(GenerateRequest("x", steps=1))
     assert studio.loaded_adapters() == [] and not studio.pipeline().list_loldu_adapters()
+    studio.library.exists = lambda name: True  # deleted by another session right after generate() checked
+    studio.delete_adapter("b")
+    with pytest.raises(StudioError, match="no adapter named 'b'") as e:
+        studio.generate(GenerateRequest("x", [("b", 1.0)], steps=1))
+    assert "\n" not in str(e.value) and not studio.pipeline().list_loldu_adapters()
 
 
 def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
@@ -321,6 +448,16 @@ def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
             studio.import_adapter(path, "bad")
         assert str(tmp_path) not in str(err.value)  # messages name the file, not server paths
     assert pipe.list_loldu_adapters() == before and not studio.library.exists("bad")
+    with safe_open(str(tiny_sd[1]["a"]), "pt") as f:  # one layer listed twice: refused before any layer is wrapped
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    layers = json.loads(meta["layers"])
+    layers["unet"][1] = layers["unet"][0]
+    save_file(tensors, str(tmp_path / "twice.safetensors"), metadata={**meta, "layers": json.dumps(layers)})
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(StudioError, match="listed twice"):
+        studio.import_adapter(tmp_path / "twice.safetensors", "twice")
+    assert pipe.list_loldu_adapters() == before and all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in
+                                                        state.items())
     with pytest.raises(StudioError, match="already exists"):
         studio.import_adapter(tiny_sd[1]["a"], "a")
 
@@ -360,7 +497,8 @@ def test_training_job_saves_into_the_library(studio):
     from loldu_sd.studio import StudioBusyError
 
     studio.trainer.preview_images = 0
-    job = studio.trainer.start(request("robot", class_prompt="a photo of a robot", num_class_images=1), owner="s1")
+    job = studio.trainer.start(request("été robot", class_prompt="a photo of a robot", num_class_images=1),
+                               owner="s1")
     assert studio.trainer.busy()
     with pytest.raises(StudioBusyError, match="another training job is running"):
         studio.trainer.start(request("other"))
@@ -373,12 +511,14 @@ def test_training_job_saves_into_the_library(studio):
     assert not studio.trainer.take_waiting("s4")  # not cancelled: it runs
     snap = wait(job)
     assert snap.state == "done" and snap.step == 2 and [s for s, _ in snap.losses] == [1, 2], snap.message
-    assert not studio.trainer.busy() and snap.adapter.name == "robot"
-    info = studio.library.info("robot")
+    assert not studio.trainer.busy() and snap.adapter.name == "t_robot"
+    assert snap.message.endswith("(the name 'été robot' became 't_robot': names keep only letters A-Z, digits, "
+                                 "'-' and '_')")
+    info = studio.library.info("t_robot")
     assert info.rank == 4 and info.sample is not None and info.instance_prompt == "a photo of sks robot"
     assert len(list((studio.library.root / ".class_images").glob("*/*.png"))) == 1  # cached for the next run
     assert not (studio.library.root / ".jobs" / job.id).exists()
-    studio.generate(GenerateRequest("a photo of sks robot", [("robot", 1.0)], steps=1))  # loads in the shared pipe
+    studio.generate(GenerateRequest("a photo of sks robot", [("t_robot", 1.0)], steps=1))  # loads in the shared pipe
 
 
 def test_cancel_keeps_the_last_checkpoint(studio):

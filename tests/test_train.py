@@ -7,6 +7,7 @@ and threads fighting over 2 shared cores cost 10x.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 import loldu_sd.diffusers  # noqa: E402,F401  (pipe.load_loldu_weights)
@@ -97,8 +99,9 @@ def test_accelerate_launch_end_to_end(tiny_sd, tmp_path):
         assert im.size == (128, 64)
     for step in (2, 4):  # adapter + optimizer + scheduler + RNG + step; never the frozen UNet
         files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-        assert {"pytorch_loldu_weights.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl",
-                "random_states_0.pkl", "training_state.json"} <= files
+        assert files == {"pytorch_loldu_weights.safetensors", "optimizer.safetensors", "optimizer.json",
+                         "scheduler.json", "random_states_0.safetensors", "random_states_0.json",
+                         "training_state.json"}  # no pickle anywhere
         assert not any(f.startswith("model") for f in files)
         assert json.loads((out / f"checkpoint-{step}" / "training_state.json").read_text())["global_step"] == step
     assert list((out / "logs").rglob("events.out.tfevents.*"))
@@ -204,6 +207,109 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     t, _ = tensors(out / "checkpoint-2" / "pytorch_loldu_weights.safetensors")
     assert torch.isfinite(t["unet.loldu.z"]).all()
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
+
+
+def test_a_diverging_run_stops_at_once_and_names_only_checkpoints_that_load(tiny_sd, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError, match=r"^step 2: after the optimizer step, layer unet\..* x \|\|W0\|\|") as e:
+        train(tiny_sd, out, "--learning_rate", "1e6", "--lr_warmup_steps", "3", "--max_train_steps", "5",
+              "--checkpointing_steps", "1")
+    named = str(e.value).split("Last good checkpoint: ")[1].split(". Lower")[0]
+    saved = training.list_checkpoints(out)  # step 1 has lr 0 (warmup): it is saved, step 2 diverges
+    assert [c.name for c in saved] == ["checkpoint-1"] and named == str(saved[-1])
+    assert not (out / "pytorch_loldu_weights.safetensors").exists()
+    pipe = tiny_pipeline(seed=0)
+    for checkpoint in saved:
+        pipe.load_loldu_weights(checkpoint, adapter_name=checkpoint.name.replace("-", "_"))
+
+
+def test_a_pickle_in_a_checkpoint_is_refused_unread_and_a_damaged_one_is_one_line(tiny_sd, tmp_path, monkeypatch):
+    import pickle
+
+    out = tmp_path / "out"
+    train(tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    (out / "checkpoint-1" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps({"lr": 1.0}))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something tried to unpickle a checkpoint file")
+
+    for obj, name in ((pickle, "Unpickler"), (pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(obj, name, forbidden)
+    with pytest.raises(training.TrainingInputError, match=r"holds custom_checkpoint_0\.pkl, a pickle file") as e:
+        train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    (out / "checkpoint-1" / "custom_checkpoint_0.pkl").unlink()
+    good = (out / "checkpoint-1" / "optimizer.safetensors").read_bytes()
+    (out / "checkpoint-1" / "optimizer.safetensors").write_bytes(good[:-8])  # truncated
+    with pytest.raises(training.TrainingInputError, match=r"checkpoint-1: damaged \(.*\); resume from an earlier"):
+        train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    (out / "checkpoint-1" / "optimizer.safetensors").write_bytes(good)
+    adapter = out / "checkpoint-1" / "pytorch_loldu_weights.safetensors"
+    t, meta = tensors(adapter)
+    t["unet.loldu.z"][0] = float("nan")  # as written before parameters were checked
+    save_file(t, str(adapter), metadata=meta)
+    with pytest.raises(training.TrainingInputError, match=r"checkpoint-1/pytorch_loldu_weights\.safetensors: layer "
+                                                             r"unet\..* holds NaN/inf values; resume from an earlier"):
+        train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_stays_bit_exact(tiny_sd, tmp_path, monkeypatch):
+    import errno
+
+    calls, real = [], training.checkpoints.write_optimizer_state
+
+    def disk_full_on_second_save(folder, *args):
+        calls.append(folder)
+        real(folder, *args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(training.checkpoints, "write_optimizer_state", disk_full_on_second_save)
+    out, extra = tmp_path / "out", ("--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "5e-3")
+    with pytest.raises(TrainingError, match=r"could not write .*checkpoint-4 \(No space left on device\); the last "
+                                            r"checkpoint, .*checkpoint-2, is untouched") as e:
+        train(tiny_sd, out, *extra)
+    assert "\n" not in str(e.value) and not list(out.glob("*.tmp-*"))
+    monkeypatch.undo()
+    resumed = train(tiny_sd, out, *extra, "--resume_from_checkpoint", "latest")
+    straight = train(tiny_sd, tmp_path / "straight", *extra)
+    a, _ = tensors(resumed.adapter_path)
+    b, _ = tensors(straight.adapter_path)
+    assert all(torch.equal(a[k], b[k]) for k in b) and resumed.losses == straight.losses
+
+
+def test_unknown_target_modules_or_an_unloadable_base_model_are_one_line(tiny_sd, tmp_path):
+    with pytest.raises(training.TrainingInputError, match=r"^--target_modules foo: none of \['foo'\] exists"):
+        train(tiny_sd, tmp_path / "out", "--target_modules", "foo")
+    (tmp_path / "not-a-model").mkdir()  # refused before loading: no pipeline config
+    with pytest.raises(training.TrainingInputError, match=r"^--pretrained_model_name_or_path .*not-a-model: cannot "
+                                                          r"read its pipeline config \([^\n]*\)$"):
+        train_dreambooth(parse_args(cli(tmp_path / "not-a-model", tmp_path / "out")))
+    no_weights = tmp_path / "no-weights"  # its configs read, its weights are missing
+    no_weights.mkdir()
+    shutil.copy(tiny_sd / "model_index.json", no_weights)
+    shutil.copytree(tiny_sd / "scheduler", no_weights / "scheduler")
+    with pytest.raises(training.TrainingInputError, match=r"^--pretrained_model_name_or_path .*no-weights: could "
+                                                          r"not load the base model \((OSError|ValueError): [^\n]*$"):
+        train_dreambooth(parse_args(cli(no_weights, tmp_path / "out")))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_two_runs_never_write_one_output_folder_and_a_dead_runs_lock_is_taken_over(tiny_sd, tmp_path):
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / training.checkpoints.LOCK_NAME
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live run: this very process
+    with pytest.raises(training.TrainingInputError, match=r"^--output_dir .*out: another training run \(host and "):
+        train(tiny_sd, out, "--max_train_steps", "1")
+    assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}" and not list(out.glob("*.safetensors"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}")  # its run was killed: the lock is stale
+    assert train(tiny_sd, out, "--max_train_steps", "1").steps == 1 and not lock.exists()
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny_sd, tmp_path, monkeypatch):

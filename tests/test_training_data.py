@@ -75,13 +75,32 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_warning_naming_each(inst
     (inst / ".DS_Store").write_bytes(b"\0\0")  # hidden files are ignored silently
     images, warnings = load_images(inst, 64)
     assert [p.name for p, _ in images] == ["ok.png"]
-    assert len(warnings) == 3
+    assert len(warnings) == 4 and "only 1 image(s); DreamBooth needs 3-5 photos" in warnings[-1]
     for name in ("truncated.png", "notes.png", "readme.txt"):
         assert any(name in w and "skipped" in w for w in warnings), name
 
 
+def test_subfolders_links_fifos_and_too_few_images_are_each_said(inst):
+    (inst / "more").mkdir()
+    (inst / "gone.png").symlink_to(inst / "deleted.png")
+    os.mkfifo(inst / "pipe.png")  # opening it would block
+    save(inst / "two.png", Image.new("RGB", (64, 64)))
+    images, warnings = load_images(inst, 64)
+    assert [p.name for p, _ in images] == ["ok.png", "two.png"]
+    assert warnings == [f"{inst / 'gone.png'}: skipped, a dangling symlink",
+                        f"{inst / 'more'}: skipped, a subfolder (images in subfolders are not read)",
+                        f"{inst / 'pipe.png'}: skipped, not a regular file",
+                        f"--instance_data_dir {inst}: only 2 image(s); DreamBooth needs 3-5 photos of the subject "
+                        "(from several angles) to learn it rather than copy one picture. Training anyway"]
+    save(inst / "three.png", Image.new("RGB", (64, 64)))
+    assert len(load_images(inst, 64)[1]) == 3  # 3 images: no warning about their number
+    (inst / "three.png").unlink()
+    assert not any("only 2 image" in w for w in load_images(inst, 64, "class")[1])  # class images: any number
+
+
 def test_images_smaller_than_resolution_are_named_in_a_warning(inst):
     save(inst / "tiny.png", Image.new("RGB", (40, 300)))
+    save(inst / "z.png", Image.new("RGB", (64, 64)))
     _, warnings = load_images(inst, 64)
     assert len(warnings) == 1
     assert "tiny.png" in warnings[0] and "40x300" in warnings[0] and "--resolution 64" in warnings[0]
@@ -122,6 +141,12 @@ def test_unusable_instance_folders_are_one_line_errors(tmp_path, case, match):
     (["--target_modules", " , "], "--target_modules is empty"),
     (["--report_to", "nowhere"], "--report_to must be"),
     (["--resume_from_checkpoint", ""], "--resume_from_checkpoint is empty"),
+    (["--seed", "-1"], r"--seed must be between 0 and 2\*\*32 - 1, got -1"),
+    (["--seed", str(2**32)], "--seed must be between 0"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    (["--adam_epsilon", "inf"], "--adam_epsilon must be a finite number"),
+    (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number"),
 ])
 def test_contradictory_or_out_of_range_flags_are_one_line_errors(tmp_path, extra, match):
     with pytest.raises(TrainingInputError, match=match) as e:
@@ -153,6 +178,14 @@ def test_preflight_catches_environment_and_folder_problems(tmp_path, inst, monke
     with pytest.raises(TrainingInputError, match="--resume_from_checkpoint checkpoint-7: no such checkpoint"):
         preflight(parse_args(flags(tmp_path, "--resume_from_checkpoint", "checkpoint-7")))
     preflight(parse_args(flags(tmp_path, "--resume_from_checkpoint", "latest")))  # none yet: starts fresh
+    for flag in ("--pretrained_model_name_or_path", "--pretrained_vae_model_name_or_path", "--tokenizer_name"):
+        with pytest.raises(TrainingInputError, match=f"^{flag} .*nope: no such folder"):
+            preflight(parse_args(flags(tmp_path, flag, str(tmp_path / "nope"))))
+    with pytest.raises(TrainingInputError, match="--instance_data_dir and --output_dir are the same folder"):
+        preflight(parse_args(flags(tmp_path, "--output_dir", str(inst) + "/")))
+    with pytest.raises(TrainingInputError, match="--instance_data_dir and --class_data_dir are the same folder"):
+        preflight(parse_args(flags(tmp_path, "--with_prior_preservation", "--class_prompt", "a robot",
+                                   "--class_data_dir", str(inst))))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(TrainingInputError, match="--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"):
         preflight(parse_args(flags(tmp_path, "--use_8bit_adam")))
@@ -262,3 +295,21 @@ def test_resuming_with_other_loldu_flags_is_refused_before_loading_models(tmp_pa
     for extra in (["--rank", "8", "--alpha", "8"], ["--rank", "4", "--alpha", "4", "--train_text_encoder"]):
         with pytest.raises(TrainingInputError, match=r"checkpoint-4: trained with other LoLDU flags \(rank 4, "):
             preflight(parse_args(flags(tmp_path, *extra, "--resume_from_checkpoint", "checkpoint-4")))
+
+
+def test_pickles_are_recognised_by_name_or_first_bytes_and_rng_state_needs_its_process(tmp_path):
+    from types import SimpleNamespace
+
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (folder / "training_state.json").write_text("{}")
+    (folder / "notes.txt").write_text("plain text")
+    training.checkpoints.refuse_pickles(folder)  # nothing pickled: accepted
+    for name, data in (("scheduler.pt", b"anything"), ("notes.txt", b"\x80\x04K\x01."), ("state", b"PK\x03\x04")):
+        (folder / name).write_bytes(data)
+        with pytest.raises(TrainingInputError, match=f"holds {name}, a pickle file"):
+            training.checkpoints.refuse_pickles(folder)
+        (folder / name).unlink()
+    accelerator = SimpleNamespace(process_index=1, step=0)
+    with pytest.raises(TrainingInputError, match="no random_states_1.json; .*same number of processes"):
+        training.checkpoints.load_rng_state(folder, accelerator)

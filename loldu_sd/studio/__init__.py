@@ -33,6 +33,7 @@ from .inputs import (
     TrainRequest,
     check_range,
     load_images,
+    renamed,
     sanitize_name,
     suggest_instance_prompt,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "TrainingJob",
     "check_range",
     "load_images",
+    "renamed",
     "run_trainer",
     "sanitize_name",
     "suggest_instance_prompt",

@@ -76,6 +76,13 @@ def sanitize_name(name: str | None) -> str:
     return clean
 
 
+def renamed(raw: str | None, clean: str) -> str:
+    """'' when `clean` is the name the user typed, else a note saying what it became and why (for messages)."""
+    if str(raw or "").strip() == clean:
+        return ""
+    return f" (the name {raw!r} became {clean!r}: names keep only letters A-Z, digits, '-' and '_')"
+
+
 def suggest_instance_prompt(class_noun: str, token: str = "sks") -> str:
     """The DreamBooth-style prompt `a photo of sks <class>` for a class noun such as 'dog' or 'robot'."""
     noun = " ".join(str(class_noun or "").split()) or "object"
@@ -201,6 +208,7 @@ class TrainRequest:
     seed: int = 42
     validation_every: int = 25
     num_class_images: int = 8  # prior-preservation images generated for the class prompt (few: this is an app)
+    requested_name: str = ""  # the name as typed; `name` is its sanitised form once validated
 
     def validate(self, library: AdapterLibrary | None = None) -> list[Image.Image]:
         """Check every field (StudioError on the first problem) and normalise it in place; returns the images."""
@@ -208,7 +216,7 @@ class TrainRequest:
         if not self.instance_prompt:
             raise StudioError("the instance prompt is empty; use e.g. 'a photo of sks robot' (sks = rare token)")
         self.class_prompt = " ".join((self.class_prompt or "").split())
-        self.name = sanitize_name(self.name)
+        self.requested_name, self.name = self.name, sanitize_name(self.name)
         if library is not None and library.path(self.name).exists():
             raise StudioError(f"an adapter named {self.name!r} already exists; pick another name or delete it")
         self.steps = check_range("training steps", self.steps, LIMITS.train_steps, integer=True)

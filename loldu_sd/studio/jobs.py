@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ..training.errors import first_line
-from .inputs import NAME_MAX, StudioBusyError, StudioError, TrainRequest
+from .inputs import NAME_MAX, StudioBusyError, StudioError, TrainRequest, renamed
 from .library import WEIGHT_NAME, AdapterInfo, AdapterLibrary
 
 log = logging.getLogger(__name__)
@@ -78,18 +78,19 @@ class Trainer:
         return self._waiting.pop(owner, False)
 
     def _run_job(self, job: TrainingJob) -> None:
-        workdir = self.library.root / ".jobs" / job.id  # hidden: never listed, still inside the library folder
+        workdir = None
         end: dict[str, Any] = {}  # the final state, published only once the lock is free again
         try:
+            workdir = self.library.private_dir(".jobs", job.id)  # hidden: never listed, inside the library folder
             instance_dir = workdir / "instance"
-            instance_dir.mkdir(parents=True)
+            instance_dir.mkdir()
             for i, im in enumerate(job.images):  # re-encoded PNGs: no uploaded byte reaches the trainer
                 im.save(instance_dir / f"{i:02d}.png")
             prior = " and generating class images for prior preservation" if job.request.class_prompt else ""
             job.update(state="running", message=f"loading the base model for training{prior}")
             resolution = self.resolution()
             key = hashlib.sha1(f"{self.base_model}|{job.request.class_prompt}|{resolution}".encode()).hexdigest()
-            class_dir = self.library.root / ".class_images" / key[:16]  # reused by later runs with this prompt
+            class_dir = self.library.private_dir(".class_images", key[:16])  # reused by later runs with this prompt
             result = run_trainer(self.base_model, workdir, job, resolution, self.device(), class_dir,
                                  self.preview_images)
             end = self._save_result(job, result.adapter_path, cancelled=result.cancelled)
@@ -106,7 +107,8 @@ class Trainer:
             log.exception("training job %s failed", job.id)
             end = {"state": "failed", "message": f"training failed: {type(e).__name__}: {first_line(e)}"}
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if workdir is not None:  # only a folder this job made: never one a symlink points to
+                shutil.rmtree(workdir, ignore_errors=True)
             self._lock.release()
             job.update(**(end or {"state": "failed", "message": "training ended unexpectedly"}))
 
@@ -116,8 +118,10 @@ class Trainer:
         if weights is None or not Path(weights).is_file():
             raise StudioError("the trainer finished without writing an adapter file")
         name = job.request.name
+        said = renamed(job.request.requested_name or name, name)
         if self.library.path(name).exists():  # taken by another session meanwhile: keep both
             name = f"{name[:NAME_MAX - 9]}-{job.id}"
+            said = f" ({job.request.name!r} was taken meanwhile)"
         steps = f"{job.step}/{job.total}"
         note = f"stopped at step {steps}: {failed}" if failed else f"cancelled at step {steps}" if cancelled else ""
         info = self.library.add(name, weights, job.previews[0] if job.previews else None, extra={
@@ -127,7 +131,7 @@ class Trainer:
         if info.sample is None:
             self.make_sample(info.name, job.request.instance_prompt)
             info = self.library.info(info.name)
-        saved = f"saved {info.name!r} ({info.size_kb:.1f} KB) to the library"
+        saved = f"saved {info.name!r} ({info.size_kb:.1f} KB) to the library{said}"
         if failed:
             return {"state": "failed", "adapter": info, "message": f"{failed}; kept the last good checkpoint: {saved}"}
         if cancelled:

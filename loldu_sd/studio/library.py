@@ -1,10 +1,13 @@
 """The adapter library: a folder of adapters on disk, one sub-folder each, confined to the library folder."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -23,6 +26,34 @@ log = logging.getLogger(__name__)
 
 WEIGHT_NAME = LOLDU_WEIGHT_NAME  # each library folder holds the file pipe.load_loldu_weights(folder) finds
 SAMPLE_NAME, INFO_NAME = "sample.png", "info.json"
+MAX_INFO_BYTES = 2**20  # info.json is a few hundred bytes; a bigger one is not ours
+
+
+def read_inside(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file that is not a symlink (O_NOFOLLOW: checked when opening, not before)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a planted FIFO cannot hang us
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path.name} is over {limit} bytes")
+    return data
+
+
+@contextlib.contextmanager
+def disk_errors(action: str):
+    """Turn an OSError (read-only or full disk, a folder another session renamed) into a one-line StudioError."""
+    try:
+        yield
+    except OSError as e:
+        raise StudioError(f"could not {action}: {e.strerror or e} (another session may have changed it, or the "
+                          "library folder is read-only or full)") from None
+
+
+def _create_new(path: Path):
+    """A new file at `path` opened for writing; never follows or reuses an existing name (a planted symlink)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
 
 
 @dataclass
@@ -70,24 +101,36 @@ class AdapterLibrary:
         return (self.path(name) / WEIGHT_NAME).is_file()
 
     def names(self) -> list[str]:
-        """Adapter names, sorted; hidden folders (jobs in progress, trash) are skipped."""
+        """Adapter names, sorted; hidden folders (jobs in progress, trash) and symlinks are skipped."""
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / WEIGHT_NAME).is_file())
+                      if not p.name.startswith(".") and not p.is_symlink() and p.is_dir()
+                      and (p / WEIGHT_NAME).is_file())
+
+    def private_dir(self, *parts: str) -> Path:
+        """A hidden working folder inside the library (made if needed); a planted symlink is refused, not followed."""
+        folder = self.root
+        for part in parts:
+            folder = folder / part
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise StudioError(f"{folder.relative_to(self.root)} in the library folder is a symlink or a file; "
+                                  "remove it (the studio never writes outside --library_dir)")
+            folder.mkdir(exist_ok=True)
+        return folder
 
     def info(self, name: str) -> AdapterInfo:
         """Metadata of one adapter, read from its safetensors header and info.json."""
         folder = self.path(name)
         weights = folder / WEIGHT_NAME
-        if not weights.is_file() or weights.resolve().parent != folder:
-            raise StudioError(f"no adapter named {name!r} in the library")
+        if weights.is_symlink() or not weights.is_file():
+            raise StudioError(f"no adapter named {name!r} in the library (or its {WEIGHT_NAME} is a symlink)")
         try:
             _, meta = read_adapter_file(weights)
         except LoLDUFormatError as e:
             raise StudioError(f"adapter {folder.name!r}: {str(e).replace(str(weights), WEIGHT_NAME)}") from None
         try:
-            extra = json.loads((folder / INFO_NAME).read_text())
+            extra = json.loads(read_inside(folder / INFO_NAME, MAX_INFO_BYTES))
             extra = extra if isinstance(extra, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # missing, a symlink, not JSON: the file's own times and metadata serve
             extra = {}
         try:
             rank = int(json.loads(meta.get("config", "{}")).get("rank"))
@@ -98,54 +141,87 @@ class AdapterLibrary:
         return AdapterInfo(
             name=folder.name, weights=weights, size_bytes=stat.st_size,
             created=float(extra.get("created") or stat.st_mtime), base_model=meta.get("base_model", "") or "?",
-            rank=rank, sample=sample if sample.is_file() else None,
+            rank=rank, sample=sample if sample.is_file() and not sample.is_symlink() else None,
             instance_prompt=str(extra.get("instance_prompt") or meta.get("instance_prompt", "")),
             note=str(extra.get("note", "")))
 
     def list(self) -> list[AdapterInfo]:
         """Every readable adapter, newest first (unreadable entries are logged and skipped)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[AdapterInfo], list[str]]:
+        """(every readable adapter, newest first; one note per adapter folder skipped and why)."""
         out = []
+        notes = [f"skipped {p.name!r}: a symlink (the studio never follows links out of the library folder)"
+                 for p in sorted(self.root.iterdir()) if p.is_symlink() and not p.name.startswith(".")]
         for name in self.names():
             try:
                 out.append(self.info(name))
-            except StudioError as e:
-                log.warning("library: skipping %s", e)
-        return sorted(out, key=lambda a: a.created, reverse=True)
+            except (StudioError, OSError) as e:  # one broken folder never hides the others
+                notes.append(f"skipped {name!r}: {e}" if isinstance(e, OSError) else f"skipped: {e}")
+                log.warning("library: %s", notes[-1])
+        return sorted(out, key=lambda a: a.created, reverse=True), notes
+
+    def sample_image(self, info: AdapterInfo) -> Image.Image | None:
+        """The decoded sample image of an adapter, or None when it is missing, a symlink or unreadable."""
+        if info.sample is None:
+            return None
+        try:
+            with Image.open(io.BytesIO(read_inside(info.sample, 64 * 2**20))) as im:
+                return im.convert("RGB")  # decodes it all: a truncated file fails here, not in a later caller
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            log.warning("library: sample image of %r unreadable (%s)", info.name, e)
+            return None
 
     def add(self, name: str, weights: str | Path, sample: Image.Image | None = None,
             extra: dict[str, Any] | None = None) -> AdapterInfo:
         """Copy an adapter file (with sample image and info) into the library under a new name, atomically."""
-        with self._lock:
-            folder = self.path(name)
-            if folder.exists():
-                raise StudioError(f"an adapter named {folder.name!r} already exists; pick another name or delete it")
+        with self._lock, disk_errors(f"add {name!r} to the library"):
+            folder = self._claim(name)
             stage = self.root / f".incoming-{uuid.uuid4().hex}"  # build aside, then one rename: never half-visible
-            stage.mkdir()
             try:
+                stage.mkdir()
                 shutil.copyfile(weights, stage / WEIGHT_NAME)
                 if sample is not None:
                     sample.save(stage / SAMPLE_NAME)
                 info = {"created": time.time(), **(extra or {})}
                 (stage / INFO_NAME).write_text(json.dumps(info, indent=1))
-                os.rename(stage, folder)
+                os.rename(stage, folder)  # onto the empty folder claimed above
+            except BaseException:
+                if folder.is_dir() and not any(folder.iterdir()):  # give the claimed name back
+                    folder.rmdir()
+                raise
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
         return self.info(folder.name)
 
+    def _claim(self, name: str) -> Path:
+        """Create the empty folder of a new adapter: mkdir is atomic, so two sessions never get the same name."""
+        folder = self.path(name)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise StudioError(f"an adapter named {folder.name!r} already exists; pick another name or delete it"
+                              ) from None
+        return folder
+
     def rename(self, old: str, new: str) -> AdapterInfo:
         """Rename an adapter; the new name is sanitised and must be free."""
-        with self._lock:
-            src, dst = self.path(old), self.path(new)
+        with self._lock, disk_errors(f"rename {old!r}"):
+            src = self.path(old)
             if not (src / WEIGHT_NAME).is_file():
                 raise StudioError(f"no adapter named {old!r} in the library")
-            if dst.exists():
-                raise StudioError(f"an adapter named {dst.name!r} already exists; pick another name")
-            os.rename(src, dst)
+            dst = self._claim(new)
+            try:
+                os.rename(src, dst)  # onto the empty folder just claimed
+            except BaseException:
+                dst.rmdir()
+                raise
         return self.info(dst.name)
 
     def delete(self, name: str) -> None:
         """Remove an adapter folder (moved aside first, so other sessions never list half a folder)."""
-        with self._lock:
+        with self._lock, disk_errors(f"delete {name!r}"):
             folder = self.path(name)
             if not (folder / WEIGHT_NAME).is_file():
                 raise StudioError(f"no adapter named {name!r} in the library")
@@ -156,13 +232,24 @@ class AdapterLibrary:
     def set_sample(self, name: str, image: Image.Image) -> None:
         """Replace the sample image of an adapter."""
         folder = self.path(name)
-        image.save(folder / f".{SAMPLE_NAME}.tmp", format="PNG")
-        os.replace(folder / f".{SAMPLE_NAME}.tmp", folder / SAMPLE_NAME)
+        tmp = folder / f".{SAMPLE_NAME}.{uuid.uuid4().hex}.tmp"
+        with disk_errors(f"save the sample image of {name!r}"):
+            self._write_sample(tmp, folder, image)
+
+    @staticmethod
+    def _write_sample(tmp: Path, folder: Path, image: Image.Image) -> None:
+        try:
+            with _create_new(tmp) as f:
+                image.save(f, format="PNG")
+            os.replace(tmp, folder / SAMPLE_NAME)  # replaces a planted symlink itself, never its target
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def copy_out(self, name: str, dest_dir: str | Path) -> Path:
         """A copy of the adapter file named `<name>.safetensors` in dest_dir (what the browser downloads)."""
         info = self.info(name)
         dest = Path(dest_dir) / f"{info.name}.safetensors"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(info.weights, dest)
+        with disk_errors(f"copy {name!r} for download"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(info.weights, dest)
         return dest

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import INITS, LoLDUConfig
-from ..io import read_adapter_file
+from ..io import parse_metadata, read_adapter_file
 from ..presets import PRESETS
 from .checkpoints import resolve_checkpoint
 from .errors import TrainingInputError, first_line
@@ -147,9 +146,14 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("num_class_images", "num_validation_images", "lr_warmup_steps", "dataloader_num_workers",
                  "prior_loss_weight", "adam_weight_decay", "max_grad_norm", "adam_epsilon"):
         need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "prior_loss_weight", "adam_weight_decay", "max_grad_norm", "adam_epsilon",
+                 "adam_beta1", "adam_beta2", "lr_power", "noise_offset"):  # inf passes '>= 0', NaN fails it silently
+        need(math.isfinite(getattr(args, name)), f"--{name} must be a finite number, got {getattr(args, name)}")
     need(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
-    need(args.snr_gamma is None or args.snr_gamma > 0, f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    need(args.snr_gamma is None or 0 < args.snr_gamma < math.inf,
+         f"--snr_gamma must be finite and > 0, got {args.snr_gamma}")
     need(args.noise_offset >= 0, f"--noise_offset must be >= 0, got {args.noise_offset}")
+    need(0 <= args.seed < 2**32, f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     need(0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1, "--adam_beta1/--adam_beta2 must lie in [0, 1)")
     need(args.resolution >= 8 and args.resolution % 8 == 0,
          f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -188,6 +192,18 @@ def preflight(args: argparse.Namespace) -> None:
         if constants.HF_HUB_OFFLINE:
             raise TrainingInputError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; "
                                      "drop --push_to_hub or go online")
+    folders = {f: Path(getattr(args, f)).resolve() for f in ("instance_data_dir", "class_data_dir", "output_dir")
+               if getattr(args, f)}
+    for a, b in (("instance_data_dir", "output_dir"), ("instance_data_dir", "class_data_dir"),
+                 ("class_data_dir", "output_dir")):
+        if a in folders and folders.get(a) == folders.get(b):  # outputs or class images would become training data
+            raise TrainingInputError(f"--{a} and --{b} are the same folder ({folders[a]}); use separate folders")
+    for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name"):
+        spec = getattr(args, flag)
+        looks_local = spec and (spec.startswith((".", "/", "~")) or spec.count("/") > 1)  # Hub ids: "org/name"
+        if looks_local and not Path(spec).expanduser().is_dir():
+            raise TrainingInputError(f"--{flag} {spec}: no such folder (and not a Hub id such as "
+                                     "'stable-diffusion-v1-5/stable-diffusion-v1-5')")
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -210,8 +226,9 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace) -> None:
     from ..io import LOLDU_WEIGHT_NAME
 
     try:
-        _, meta = read_adapter_file(checkpoint / LOLDU_WEIGHT_NAME)
-        saved, comps = LoLDUConfig.from_dict(json.loads(meta["config"])), set(json.loads(meta["layers"]))
+        path = checkpoint / LOLDU_WEIGHT_NAME
+        saved, layers = parse_metadata(path, read_adapter_file(path)[1])
+        comps = set(layers)
     except (OSError, ValueError, KeyError) as e:
         raise TrainingInputError(f"--resume_from_checkpoint {checkpoint}: unreadable adapter "
                                  f"({first_line(e)})") from None

@@ -29,10 +29,13 @@ def load_images(directory: str | Path, resolution: int | None = None, what: str 
         raise TrainingInputError(f"{flag} {folder}: no such folder")
     if not folder.is_dir():
         raise TrainingInputError(f"{flag} {folder}: is a file, not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    notes = [f"{p}: skipped, {_not_a_file(p)}" for p in entries if not p.is_file()]
     if not files:
-        raise TrainingInputError(f"{flag} {folder}: is empty; put 3-5 photos of your subject in it")
-    images, notes = [], []
+        what_is_there = "holds only subfolders or links" if notes else "is empty"
+        raise TrainingInputError(f"{flag} {folder}: {what_is_there}; put 3-5 photos of your subject in it")
+    images = []
     for path in files:
         try:
             with Image.open(path) as im:
@@ -47,7 +50,19 @@ def load_images(directory: str | Path, resolution: int | None = None, what: str 
         images.append((path, image))
     if not images:
         raise TrainingInputError(f"{flag} {folder}: holds no readable image ({len(files)} file(s) skipped)")
+    if what == "instance" and len(images) < 3:
+        notes.append(f"{flag} {folder}: only {len(images)} image(s); DreamBooth needs 3-5 photos of the subject "
+                     "(from several angles) to learn it rather than copy one picture. Training anyway")
     return images, notes
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a folder entry is not read as an image."""
+    if path.is_symlink() and not path.exists():
+        return "a dangling symlink"
+    if path.is_dir():
+        return "a subfolder (images in subfolders are not read)"
+    return "not a regular file"
 
 
 def sample_seed(seed: int, *keys: int) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 import warnings
@@ -13,10 +12,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..model import loldu_parameters, project_loldu_
+from ..model import loldu_parameters, loldu_value_problem, project_loldu_
 from .args import check_args, loldu_config, preflight, resolve_max_train_steps
 from .base import check_trainable_base
-from .checkpoints import (STATE_NAME, clean_interrupted_saves, load_adapter_values_, rank_digests, resolve_checkpoint,
+from .checkpoints import (clean_interrupted_saves, load_checkpoint, output_dir_lock, rank_digests, resolve_checkpoint,
                           save_checkpoint)
 from .class_images import class_images_for
 from .conditioning import Conditioner
@@ -77,7 +76,8 @@ def train_dreambooth(args: argparse.Namespace, callbacks: TrainingCallbacks | No
             raise TrainingInputError(f"--class_data_dir {class_dir}: cannot create it ({e.strerror or e})") from None
     accelerator = make_accelerator(args)
     try:
-        return _train(args, accelerator, callbacks, [im for _, im in instance], notes, started)
+        with output_dir_lock(Path(args.output_dir), accelerator):
+            return _train(args, accelerator, callbacks, [im for _, im in instance], notes, started)
     finally:
         accelerator.end_training()
 
@@ -147,9 +147,6 @@ class _Run:
         """Hand the models to accelerate (adapter-only checkpoints), resume, encode frozen prompts, build the loader."""
         from tqdm.auto import tqdm
 
-        from ..diffusers import save_pipeline_adapter
-        from ..io import LOLDU_WEIGHT_NAME
-
         args, accelerator, components = self.args, self.accelerator, self.components
         with warnings.catch_warnings():  # torch >= 2.10 renames broadcast_buffers; the meaning we want is the same
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
@@ -158,21 +155,9 @@ class _Run:
         for module in self.prepared:
             module.train()  # from_pretrained returns eval-mode models; checkpointing (CLIP) only acts in train mode
 
-        def save_hook(models, weights, folder):
-            if accelerator.is_main_process:  # the adapter file instead of the full frozen UNet
-                save_pipeline_adapter(folder, components, base_model=args.pretrained_model_name_or_path)
-            weights.clear()
-
-        def load_hook(models, folder):
-            models.clear()  # nothing for accelerate to load: the adapter is all the model state there is
-            load_adapter_values_(Path(folder) / LOLDU_WEIGHT_NAME, components, self.config)
-
-        self.hooks = [accelerator.register_save_state_pre_hook(save_hook),
-                      accelerator.register_load_state_pre_hook(load_hook)]
-        accelerator.register_for_checkpointing(self.lr_scheduler)
         if self.resume is not None:
-            accelerator.load_state(str(self.resume))
-            state = json.loads((self.resume / STATE_NAME).read_text())
+            state = load_checkpoint(self.resume, accelerator, components, self.config, self.optimizer,
+                                    self.lr_scheduler)
             self.global_step, self.losses = state["global_step"], [tuple(x) for x in state["losses"]]
             self.last_checkpoint = self.resume
             if self.main:
@@ -214,11 +199,7 @@ class _Run:
                 loss = self.batch_loss(batch)
                 every = accelerator.gather(loss.detach().float().reshape(1))  # the same verdict on every process
                 if not torch.isfinite(every).all():
-                    where = self.last_checkpoint or "none (no checkpoint saved yet)"
-                    raise TrainingError(
-                        f"step {self.global_step + 1}: the loss is {float(every[~torch.isfinite(every)][0])}; "
-                        f"training stopped before updating the adapter. Last good checkpoint: {where}. "
-                        "Lower --learning_rate, or use --mixed_precision bf16/no")
+                    raise self.diverged(f"the loss is {float(every[~torch.isfinite(every)][0])}")
                 micro.append(float(every.mean()))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and self.args.max_grad_norm > 0:
@@ -228,8 +209,18 @@ class _Run:
         if not accelerator.optimizer_step_was_skipped:  # fp16: skipped when the grad scaler saw inf
             self.lr_scheduler.step()
         project_loldu_(self.components)  # projected gradient descent (eqs. 10-12), after every optimizer step
+        # the parameters themselves, not only the loss: an inf lr gives a finite loss and a NaN adapter
+        problem = loldu_value_problem(self.components)
+        if problem:
+            raise self.diverged(f"after the optimizer step, layer {problem}")
         self.global_step += 1
         return sum(micro) / len(micro)
+
+    def diverged(self, what: str) -> TrainingError:
+        """The one-line error of a run that went non-finite at this step (nothing of the step is saved)."""
+        where = self.last_checkpoint or "none (no checkpoint saved yet)"
+        return TrainingError(f"step {self.global_step + 1}: {what}; training stopped, this step is not saved. Last "
+                             f"good checkpoint: {where}. Lower --learning_rate, or use --mixed_precision bf16/no")
 
     def loop(self) -> None:
         """Steps until max_train_steps or a stop request; logging, checkpoints and validation images on the way."""
@@ -264,7 +255,13 @@ class _Run:
     def checkpoint(self) -> Path:
         """Save a resumable checkpoint of this step."""
         state = {"global_step": self.global_step, "losses": self.losses, "max_train_steps": self.max_steps}
-        return save_checkpoint(self.accelerator, self.out, self.global_step, state, self.args.checkpoints_total_limit)
+        from ..diffusers import save_pipeline_adapter
+
+        def write_adapter(folder: Path) -> None:
+            save_pipeline_adapter(folder, self.components, base_model=self.args.pretrained_model_name_or_path)
+
+        return save_checkpoint(self.accelerator, self.out, self.global_step, state, self.args.checkpoints_total_limit,
+                               write_adapter=write_adapter, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
 
     def validate(self) -> None:
         """Sample validation images with the adapter being trained."""
@@ -299,8 +296,6 @@ class _Run:
                                             "training_steps": str(self.global_step),
                                             "trainer": "loldu_sd.training.train_dreambooth"})
         result.adapter_path = self.out / LOLDU_WEIGHT_NAME
-        for hook in self.hooks:  # they hold the training models: let those go before the fresh pipeline loads
-            hook.remove()
         self.optimizer = self.prepared = self.trained = self.components = self.m = self.params = None
         self.conditioner = None
         self.data = None

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..model import cast_loldu_parameters
 from .args import loldu_config
+from .errors import TrainingInputError, first_line
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -124,12 +125,19 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
     from ..diffusers import add_loldu_to_text_encoder, add_loldu_to_unet
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    m = load_models(args, accelerator.device, weight_dtype)
+    try:
+        m = load_models(args, accelerator.device, weight_dtype)
+    except (OSError, ValueError) as e:  # not a diffusers folder, unknown Hub id, offline: one line, not 80
+        raise TrainingInputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: could not "
+                                 f"load the base model ({type(e).__name__}: {first_line(e)})") from None
     config = loldu_config(args)
-    components = {"unet": add_loldu_to_unet(m.unet, config)}
-    if args.train_text_encoder:  # every text encoder: SDXL's two, as diffusers' SDXL script does
-        for name in text_encoder_names(m):
-            components[name] = add_loldu_to_text_encoder(getattr(m, name), config)
+    try:
+        components = {"unet": add_loldu_to_unet(m.unet, config)}
+        if args.train_text_encoder:  # every text encoder: SDXL's two, as diffusers' SDXL script does
+            for name in text_encoder_names(m):
+                components[name] = add_loldu_to_text_encoder(getattr(m, name), config)
+    except ValueError as e:
+        raise TrainingInputError(f"--target_modules {args.target_modules}: {first_line(e)}") from None
     for module in components.values():
         cast_loldu_parameters(module, torch.float32)
     if args.enable_xformers_memory_efficient_attention:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .args import loldu_config
+from .checkpoints import LOCK_NAME
 from .errors import TrainingError, TrainingInputError, first_line
 from .models import diffusers_dtype, generate_samples, pipeline_from_args
 
@@ -192,7 +193,8 @@ def push_to_hub(args: argparse.Namespace, repo_id: str) -> None:
 
     try:
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                      commit_message="End of training", ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*"])
+                      commit_message="End of training",
+                      ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", LOCK_NAME])
     except Exception as e:
         raise TrainingError(f"--push_to_hub: upload to {repo_id} failed ({type(e).__name__}: {first_line(e)}); "
                             f"everything is saved in {args.output_dir}") from None
