@@ -1,7 +1,7 @@
 """Pretrain the toy world's pipeline on 2 CPU cores: `python -m loldu_sd.toyworld.pretrain --out runs/toyworld`.
 
 Stages (each seeded, each resumable from its own checkpoint in --out):
-  vae        AutoencoderKL on rendered scenes (edge-weighted L1 + MSE, a tiny KL; SD's VAE without its GAN), latent scale
+  vae        AutoencoderKL on rendered scenes (edge-weighted L1 + MSE, a tiny KL; SD's VAE without a GAN), latent scale
   generator  UNet and text encoder jointly, epsilon objective with Min-SNR weighting, 10 % empty captions for
              classifier-free guidance, EMA weights
   judges     the instance encoder and the image-text model that `eval --backbones toyworld` uses (see judges.py)
