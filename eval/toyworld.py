@@ -97,12 +97,14 @@ def attribute_hits(judges, images, triples) -> dict[str, list[bool]]:
     """Zero-shot: for each image, is the best-matching caption's kind / colour / background the prompted one?"""
     emb = judges.embed_images(images)
     hits = {"kind": [], "colour": [], "background": []}
-    for e, (kind, colour, bg) in zip(emb, triples):
-        options = {"kind": [(k, colour, bg) for k in KINDS], "colour": [(kind, c, bg) for c in COLOURS if c != bg],
-                   "background": [(kind, colour, b) for b in COLOURS if b != colour]}
-        for attr, cands in options.items():
-            sims = judges.embed_texts([prompt_of(*c) for c in cands]) @ e
-            hits[attr].append(cands[int(sims.argmax())] == (kind, colour, bg))
+    options = [{"kind": [(k, colour, bg) for k in KINDS], "colour": [(kind, c, bg) for c in COLOURS if c != bg],
+                "background": [(kind, colour, b) for b in COLOURS if b != colour]} for kind, colour, bg in triples]
+    captions = sorted({c for o in options for cands in o.values() for c in cands})
+    text = dict(zip(captions, judges.embed_texts([prompt_of(*c) for c in captions])))  # each caption encoded once
+    for e, triple, opts in zip(emb, triples, options):
+        for attr, cands in opts.items():
+            sims = torch.stack([text[c] for c in cands]) @ e
+            hits[attr].append(cands[int(sims.argmax())] == triple)
     return hits
 
 
