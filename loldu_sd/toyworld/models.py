@@ -19,7 +19,10 @@ LATENT_CHANNELS = 16
 # DDPM's linear schedule, not SD's scaled-linear one: at 16x16 latents SD's last step keeps so much signal in the
 # noise's spatial mean (SNR ~1 for a background colour) that the model learnt to read the background off the starting
 # noise and ignored the caption; here that SNR is ~0.01, so the caption has to decide it
-BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+# v-prediction: an epsilon objective weighs each step's x0 error by its SNR, so the high-noise steps, where only the
+# caption can say what the background and shape are, taught the model almost nothing
+BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+             prediction_type="v_prediction")
 EXTRA_WORDS = ("a an of the photo two with and on in background half", "dog cat robot toy thing shape object")
 
 
