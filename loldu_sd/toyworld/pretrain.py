@@ -43,10 +43,10 @@ def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    """Linear warm-up, then cosine decay to 10 % of the peak at step `total`, and 10 % after it."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -156,7 +156,7 @@ def finetune_decoder(out: Path, steps: int, batch: int, seed: int) -> None:
 
 
 # ---- stage 2: the UNet --------------------------------------------------------------------------------------------
-def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float) -> None:
+def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, decay_steps: int | None = None) -> None:
     """Train the UNet on captioned scenes under a frozen text encoder; keep an EMA copy of the UNet.
 
     The text encoder stays at its random initialisation, as SD keeps CLIP's frozen: trained jointly from scratch, it
@@ -191,7 +191,7 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float) -> 
         per_sample = F.mse_loss(pred, scheduler.get_velocity(latents, noise, t), reduction="none").mean(dim=(1, 2, 3))
         loss = per_sample.mean()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, 300)
+            g["lr"] = lr_at(step, decay_steps or steps, lr, 300)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae_steps", type=int, default=2000)
     p.add_argument("--vae_batch", type=int, default=16)
     p.add_argument("--decoder_steps", type=int, default=1500)
-    p.add_argument("--steps", type=int, default=4000, help="generator steps")
+    p.add_argument("--steps", type=int, default=6000, help="generator steps")
+    p.add_argument("--decay_steps", type=int, default=4000,
+                   help="generator steps of cosine decay; the rest run at its final 10 %% learning rate")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--judge_steps", type=int, default=1500)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("vae", "all"):
         train_vae(out, args.vae_steps, args.vae_batch, args.seed)
     if args.stage in ("generator", "all"):
-        train_generator(out, args.steps, args.batch, args.seed, args.lr)
+        train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps)
     if args.stage in ("decoder", "all"):
         finetune_decoder(out, args.decoder_steps, args.vae_batch, args.seed)
     if args.stage in ("judges", "all"):
