@@ -10,6 +10,7 @@ scores, as DreamBooth averages over its 30 subjects) into a table shaped like Dr
   LoLDU        the adapter.
 Outputs under --out: results.json, results.csv, table.md, scores.png (bar chart) and per subject
 <subject>/images/*.png + prompts.txt, <subject>/grid.png (reference photos on top, one row per prompt), scores.json.
+Under `accelerate launch --num_processes N` the prompts are split across the processes and the main one scores.
 """
 from __future__ import annotations
 
