@@ -91,6 +91,8 @@ def check(args: argparse.Namespace) -> tuple[Settings, list[Job], dict]:
                         _ints([args.class_samples], "--class_samples")[0],
                         _ints([args.inference_steps], "--inference_steps")[0], 0,
                         _ints([args.threads], "--threads")[0], tuple(shlex.split(args.trainer_args)))
+    if "--with_prior_preservation" in settings.trainer_flags:  # the benchmark's loop trains on instance images only
+        raise ValueError("--trainer_args: --with_prior_preservation is not supported by the benchmark")
     seeds = _ints(args.seeds, "--seeds", low=0)
     jobs = [Job(c, BASE) for c in args.concepts] + [
         Job(c, m, lr, s) for c in args.concepts for m in args.methods for lr in grids[m] for s in seeds]
