@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_status_2(tiny_sd, tmp_path, capsys):
                            (["--steps", "ten"], "--steps: expected whole numbers"),
                            (["--lr", "lora=fast"], "--lr lora=fast: expected METHOD=LR"),
                            (["--methods", "ti", "--lr", "lora=1e-3"], "'lora' is not one of the --methods"),
-                           (["--trainer_args", "--with_prior_preservation"], "is not supported by the benchmark")):
+                           (["--trainer_args=--with_prior_preservation"], "is not supported by the benchmark")):
         assert quality.main(base + extra) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
