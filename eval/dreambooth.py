@@ -10,6 +10,7 @@ scores, as DreamBooth averages over its 30 subjects) into a table shaped like Dr
   LoLDU        the adapter.
 Outputs under --out: results.json, results.csv, table.md, scores.png (bar chart) and per subject
 <subject>/images/*.png + prompts.txt, <subject>/grid.png (reference photos on top, one row per prompt), scores.json.
+Under `accelerate launch --num_processes N` the prompts are split across the processes and the main one scores.
 """
 from __future__ import annotations
 
@@ -74,23 +75,33 @@ def read_manifest(path: str | Path, unique_token: str = "sks") -> list[Subject]:
 
 
 def generate(pipe, prompts: list[str], images_per_prompt: int, seed: int, out_dir: Path, desc: str = "generate",
-             **call_kwargs) -> tuple[list[Image.Image], list[str], list[Path]]:
-    """prompts x images_per_prompt images; image k of the subject (k = prompt index * N + j) uses seed + k."""
+             share: tuple[int, int] = (0, 1), **call_kwargs) -> tuple[list[Image.Image], list[str], list[Path]]:
+    """prompts x images_per_prompt images; image k of the subject (k = prompt index * N + j) uses seed + k.
+
+    share = (rank, world): this process draws prompts rank, rank + world, ... and every process gets all the
+    images back, in prompt order (accelerate's gather_object); seeds follow k, so the images are the same in any
+    split. The main process writes prompts.txt.
+    """
     from tqdm.auto import tqdm
 
+    rank, world = share
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, per_image, paths = [], [], []
-    for i, prompt in enumerate(tqdm(prompts, desc=desc)):
+    made = []
+    for i in tqdm(range(rank, len(prompts), world), desc=desc):
         # CPU generators: the same initial noise on any device, independent of batch size
         gens = [torch.Generator("cpu").manual_seed(seed + i * images_per_prompt + j) for j in range(images_per_prompt)]
-        batch = pipe(prompt, num_images_per_prompt=images_per_prompt, generator=gens, **call_kwargs).images
+        batch = pipe(prompts[i], num_images_per_prompt=images_per_prompt, generator=gens, **call_kwargs).images
         for j, im in enumerate(batch):
-            path = out_dir / f"{i:03d}_{j:02d}.png"
-            im.save(path)
-            images.append(im)
-            per_image.append(prompt)
-            paths.append(path)
-    (out_dir / "prompts.txt").write_text("\n".join(per_image) + "\n")  # rescore with `python -m eval score --prompts`
+            im.save(out_dir / f"{i:03d}_{j:02d}.png")
+            made.append((i, j, im))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        made = sorted(gather_object(made), key=lambda item: item[:2])
+    images, per_image = [im for _, _, im in made], [prompts[i] for i, _, _ in made]
+    paths = [out_dir / f"{i:03d}_{j:02d}.png" for i, j, _ in made]
+    if rank == 0:  # rescore with `python -m eval score --prompts`
+        (out_dir / "prompts.txt").write_text("\n".join(per_image) + "\n")
     return images, per_image, paths
 
 
@@ -134,44 +145,60 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> Path:
 
 def evaluate(pipe, scorer, subjects: list[Subject], out: str | Path, images_per_prompt: int = 4,
              prompts_limit: int | None = None, seed: int = 0, with_base: bool = False, identifier: str = "drop",
-             **call_kwargs) -> dict:
-    """Run the protocol with a loaded pipeline (needs load_loldu_weights / delete_loldu_adapters) and a Scorer."""
-    out = Path(out)
+             share: tuple[int, int] = (0, 1), **call_kwargs) -> dict | None:
+    """Run the protocol with a loaded pipeline (needs load_loldu_weights / delete_loldu_adapters) and a Scorer.
+
+    share = (rank, world) under several processes: the images are split across them (see generate) and the main
+    process (rank 0) alone scores and writes; the others return None.
+    """
+    out, main = Path(out), share[0] == 0
     refs = {s.name: load_images(s.reference) for s in subjects}  # fail on bad folders before any generation
-    per_subject, base_cache = [], {}
+    per_subject, base_cache, base_embeddings = [], {}, {}
     for s in subjects:
-        ref_images, ref_paths = refs[s.name]
-        ref = scorer.embed_images(ref_images, [p.name for p in ref_paths])
         prompts = dreambooth_prompts(s.unique_token, s.class_token, prompts_limit)
-        rec = {**asdict(s), "live": is_live(s.class_token), "n_prompts": len(prompts)}
-        if len(ref) > 1:
-            rec["real"] = scorer.score_real(ref)
-        else:
-            warnings.warn(f"{s.name}: only 1 reference image, so no 'real images' row (it needs 2 or more)")
 
-        def run(tag: str, images_dir: Path):
+        def run(tag: str, images_dir: Path) -> tuple[list[Image.Image], list[str], list[str]]:
             imgs, texts, paths = generate(pipe, prompts, images_per_prompt, seed, images_dir, f"{s.name} {tag}",
-                                          **call_kwargs)
-            return imgs, scorer.embed_images(imgs, [p.relative_to(out).as_posix() for p in paths]), texts
+                                          share, **call_kwargs)
+            return imgs, [p.relative_to(out).as_posix() for p in paths], texts
 
-        if with_base:  # same prompts and seeds without adapter; subjects sharing tokens share these images
-            key = (tuple(prompts), images_per_prompt)
-            if key not in base_cache:
-                folder = out / "base" / f"{s.unique_token}_{s.class_token}".replace(" ", "_")
-                base_cache[key] = run("base", folder)[1:]
-            gen, texts = base_cache[key]
-            rec["base"] = scorer.score(gen, ref, texts, unique_token=s.unique_token, identifier=identifier)
+        key = (tuple(prompts), images_per_prompt)
+        if with_base and key not in base_cache:  # same prompts and seeds without adapter, shared by such subjects
+            base_cache[key] = run("base", out / "base" / f"{s.unique_token}_{s.class_token}".replace(" ", "_"))
         name = pipe.load_loldu_weights(s.adapter, adapter_name=s.name)
         try:
-            imgs, gen, texts = run("LoLDU", out / s.name / "images")
+            adapted = run("LoLDU", out / s.name / "images")
         finally:
             pipe.delete_loldu_adapters(name or s.name)  # the next subject starts from the base model again
-        rec["loldu"] = scorer.score(gen, ref, texts, unique_token=s.unique_token, identifier=identifier)
-        rows = [imgs[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]
-        image_grid(ref_images, rows, prompts).save(out / s.name / "grid.png")
-        write_json(out / s.name / "scores.json", rec)
-        per_subject.append(rec)
-    return summarise(per_subject, out, scorer.describe())
+        if main:
+            if with_base and key not in base_embeddings:
+                imgs, names, texts = base_cache[key]
+                base_embeddings[key] = scorer.embed_images(imgs, names), texts
+            per_subject.append(score_subject(scorer, s, refs[s.name], prompts, base_embeddings.get(key), adapted,
+                                             identifier, out))
+    return summarise(per_subject, out, scorer.describe()) if main else None
+
+
+def score_subject(scorer, s: Subject, reference: tuple[list, list[Path]], prompts: list[str], base, adapted,
+                  identifier: str, out: Path) -> dict:
+    """One subject's real, base ((embeddings, texts) or None) and adapter scores; writes its grid and scores.json."""
+    ref_images, ref_paths = reference
+    ref = scorer.embed_images(ref_images, [p.name for p in ref_paths])
+    rec = {**asdict(s), "live": is_live(s.class_token), "n_prompts": len(prompts)}
+    if len(ref) > 1:
+        rec["real"] = scorer.score_real(ref)
+    else:
+        warnings.warn(f"{s.name}: only 1 reference image, so no 'real images' row (it needs 2 or more)")
+    if base is not None:
+        rec["base"] = scorer.score(base[0], ref, base[1], unique_token=s.unique_token, identifier=identifier)
+    imgs, names, texts = adapted
+    rec["loldu"] = scorer.score(scorer.embed_images(imgs, names), ref, texts, unique_token=s.unique_token,
+                                identifier=identifier)
+    n = len(imgs) // len(prompts)
+    image_grid(ref_images, [imgs[i * n:(i + 1) * n] for i in range(len(prompts))], prompts).save(
+        out / s.name / "grid.png")
+    write_json(out / s.name / "scores.json", rec)
+    return rec
 
 
 def summarise(per_subject: list[dict], out: Path, backbones: dict) -> dict:
@@ -270,14 +297,20 @@ def run(args) -> dict:
         s.adapter = str(resolve_adapter_file(s.adapter))
         if not Path(s.reference).is_dir():
             raise FileNotFoundError(f"reference folder {s.reference} (subject {s.name}) does not exist")
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or those of `accelerate launch`: each draws its share of the prompts
     scorer = scorer_from_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or (str(state.device) if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.pretrained_model_name_or_path, device)
     kw = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
     if args.resolution:
         kw.update(height=args.resolution, width=args.resolution)
     result = evaluate(pipe, scorer, subjects, args.out, args.images_per_prompt, args.prompts_limit, args.seed,
-                      args.with_base, args.identifier, **kw)
+                      args.with_base, args.identifier, (state.process_index, state.num_processes), **kw)
+    state.wait_for_everyone()
+    if result is None:  # not the main process: its images went to the main one
+        return {}
     print(result["markdown"])
     print(f"\nwrote {Path(args.out) / 'results.json'}, results.csv, table.md, scores.png and per-subject grids")
     return result

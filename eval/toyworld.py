@@ -37,13 +37,13 @@ def concept_images(name: str):
     return load_images(CONCEPTS_DIR / name)[0]
 
 
-def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16) -> list:
-    """One image per prompt, seeded per position (the i-th image always uses seed + i)."""
+def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16, steps: int = INFERENCE_STEPS) -> list:
+    """One image per prompt, seeded per position (the i-th image always uses seed + i); `steps` sampler steps."""
     images = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images += pipe(chunk, generator=gens, guidance_scale=GUIDANCE_SCALE, num_inference_steps=INFERENCE_STEPS,
+        images += pipe(chunk, generator=gens, guidance_scale=GUIDANCE_SCALE, num_inference_steps=steps,
                        height=64, width=64).images
     return images
 

@@ -5,7 +5,8 @@
     data.py         images, the seeded dataset and sample stream, class images
     models.py       frozen base models + trainable adapters, the accelerator
     conditioning.py what the UNet is conditioned on: SD's text encoder, or SDXL's two plus pooled embeds and time ids
-    loss.py         the denoising objective and its options (Min-SNR, offset noise, attention mask)
+    loss.py         the denoising objective and its options (Min-SNR, offset noise, attention mask), batch_loss
+    optim.py        the optimizer and learning-rate schedule the flags describe
     checkpoints.py  atomic, resumable checkpoint-N folders
     loop.py         train_dreambooth: the optimizer-step loop
     outputs.py      samples, loss plot, model card, Hub upload

@@ -19,10 +19,11 @@ from .checkpoints import (clean_interrupted_saves, load_checkpoint, output_dir_l
                           save_checkpoint)
 from .class_images import class_images_for
 from .conditioning import Conditioner
-from .data import CLASS_NOISE, NOISE, DreamBoothDataset, SampleStream, load_images
+from .data import DreamBoothDataset, SampleStream, load_images
 from .errors import TrainingError, TrainingInputError
-from .loss import diffusion_loss
+from .loss import batch_loss
 from .models import generate_samples, make_accelerator, models_with_adapters, pipeline_components, pipeline_from_args
+from .optim import make_lr_scheduler, make_optimizer
 from .outputs import create_hub_repo, final_outputs, log_images, tracker_config
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ class _Run:
     def setup(self, instance: list[Image.Image]) -> None:
         """Check the device, resolve the checkpoint, load models with adapters, build data, optimizer, schedule."""
         from accelerate.utils import set_seed
-        from diffusers.optimization import get_scheduler
 
         args, accelerator = self.args, self.accelerator
         if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
@@ -130,18 +130,9 @@ class _Run:
         world, accum, bs = accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
         self.max_steps = resolve_max_train_steps(args, len(self.dataset), world)
         self.lr = args.learning_rate * (bs * accum * world if args.scale_lr else 1)
-        if args.use_8bit_adam:
-            import bitsandbytes as bnb
-
-            optimizer_class = bnb.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        self.optimizer = optimizer_class(self.params, lr=self.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        self.optimizer = make_optimizer(args, self.params, self.lr)
         # not accelerator.prepare'd: accelerate would step it once per process; here it counts optimizer steps
-        self.lr_scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                          num_training_steps=self.max_steps, num_cycles=args.lr_num_cycles,
-                                          power=args.lr_power)
+        self.lr_scheduler = make_lr_scheduler(args, self.optimizer, self.max_steps)
 
     def prepare(self) -> None:
         """Hand the models to accelerate (adapter-only checkpoints), resume, encode frozen prompts, build the loader."""
@@ -178,17 +169,8 @@ class _Run:
 
     def batch_loss(self, batch) -> torch.Tensor:
         """Diffusion loss of one micro-batch (instance and class samples in one forward pass, as diffusers does)."""
-        args, n = self.args, len(batch["index"])
-        idx = batch["index"].tolist()
-        pixels, streams, prompts = batch["instance"], [(NOISE, idx)], [args.instance_prompt] * n
-        time_ids = batch["instance_time_ids"]
-        if self.class_images:
-            pixels, streams = torch.cat([pixels, batch["class"]]), streams + [(CLASS_NOISE, idx)]
-            prompts, time_ids = prompts + [args.class_prompt] * n, torch.cat([time_ids, batch["class_time_ids"]])
-        embeds, unet_kwargs = self.conditioner(prompts, time_ids)
-        parts = diffusion_loss(self.trained["unet"], self.m.vae, self.m.scheduler, pixels.to(self.accelerator.device),
-                               embeds, args.seed, streams, args.snr_gamma, args.noise_offset, unet_kwargs)
-        return parts[0] + args.prior_loss_weight * parts[1] if self.class_images else parts[0]
+        return batch_loss(self.args, self.conditioner, self.trained["unet"], self.m, batch, self.accelerator.device,
+                          bool(self.class_images))
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps micro-batches, then the projection; its mean loss."""

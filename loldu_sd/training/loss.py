@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import to_rgb
-from .data import EVAL, crop_center, resize_shorter, seeded_generator, to_tensor
+from .data import CLASS_NOISE, EVAL, NOISE, crop_center, resize_shorter, seeded_generator, to_tensor
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -102,6 +102,24 @@ def diffusion_loss(unet, vae, noise_scheduler, pixels: torch.Tensor, embeds: tor
     if snr_gamma is not None:
         weights[0] = min_snr_weights(noise_scheduler, timesteps[: sizes[0]], snr_gamma)
     return [denoising_loss(p, t, w) for p, t, w in zip(pred.split(sizes), target.split(sizes), weights)]
+
+
+def batch_loss(args, conditioner, unet, models, batch: dict, device: torch.device, with_class: bool) -> torch.Tensor:
+    """The trainer's loss of one micro-batch: instance (and class) samples in one forward pass, as diffusers does.
+
+    `conditioner` maps (prompts, time ids) to the UNet's conditioning (training.conditioning.Conditioner); `models`
+    holds the VAE and the training scheduler; `batch` is a DreamBoothDataset batch.
+    """
+    n, idx = len(batch["index"]), batch["index"].tolist()
+    pixels, streams, prompts = batch["instance"], [(NOISE, idx)], [args.instance_prompt] * n
+    time_ids = batch["instance_time_ids"]
+    if with_class:
+        pixels, streams = torch.cat([pixels, batch["class"]]), streams + [(CLASS_NOISE, idx)]
+        prompts, time_ids = prompts + [args.class_prompt] * n, torch.cat([time_ids, batch["class_time_ids"]])
+    embeds, unet_kwargs = conditioner(prompts, time_ids)
+    parts = diffusion_loss(unet, models.vae, models.scheduler, pixels.to(device), embeds, args.seed, streams,
+                           args.snr_gamma, args.noise_offset, unet_kwargs)
+    return parts[0] + args.prior_loss_weight * parts[1] if with_class else parts[0]
 
 
 @torch.no_grad()
