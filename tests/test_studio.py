@@ -535,24 +535,23 @@ def test_cancel_keeps_the_last_checkpoint(studio):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(studio, monkeypatch):
-    from loldu_sd import training
-    from loldu_sd.training import loop
+    from loldu_sd.training import loss
 
-    real, calls = training.diffusion_loss, []
+    real, calls = loss.diffusion_loss, []
 
     def poisoned(*args, **kwargs):  # steps 1-2 train normally, step 3 diverges
         calls.append(1)
         parts = real(*args, **kwargs)
         return parts if len(calls) <= 2 else [p * float("nan") for p in parts]
 
-    monkeypatch.setattr(loop, "diffusion_loss", poisoned)  # patched where the training loop looks it up
+    monkeypatch.setattr(loss, "diffusion_loss", poisoned)  # patched where the trainer's batch_loss looks it up
     studio.trainer.preview_images = 0
     snap = wait(studio.trainer.start(request("diverged", steps=5, validation_every=2)))
     assert snap.state == "failed" and "the loss is nan" in snap.message and "lower the learning rate" in snap.message
     assert "kept the last good checkpoint" in snap.message and studio.library.exists("diverged")
     assert "Traceback" not in snap.message and str(studio.library.root) not in snap.message
     calls.clear()
-    monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
+    monkeypatch.setattr(loss, "diffusion_loss", lambda *a, **k: [p * float("nan") for p in real(*a, **k)])
     snap = wait(studio.trainer.start(request("nan-at-once", steps=3)))
     assert snap.state == "failed" and snap.message.endswith("nothing was saved")
     assert not studio.library.exists("nan-at-once") and not studio.trainer.busy()
