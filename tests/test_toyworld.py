@@ -123,3 +123,35 @@ def test_eval_score_runs_on_the_toyworld_backbones(tmp_path):
                  "--backbones", "toyworld", "--out", str(tmp_path)]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["dino_backbone"] == "toyworld-instance" and scores["dino"] > 0.8 and "note" not in scores
+
+
+# ---- pretraining ---------------------------------------------------------------------------------------------------
+def test_noise_schedule_leaves_no_background_in_the_starting_noise():
+    from loldu_sd.toyworld.models import sample_scheduler, train_scheduler
+
+    train, sample = train_scheduler(), sample_scheduler()
+    assert train.config.prediction_type == sample.config.prediction_type == "v_prediction"
+    abar = float(train.alphas_cumprod[-1])
+    # a background colour is the mean over 16x16 latent positions: its SNR in the sampler's starting noise
+    assert abar / (1 - abar) * 256 < 0.05  # SD's scaled-linear schedule: 1.2, and the model read the noise
+
+
+def test_learning_rate_warms_up_decays_and_holds_its_floor():
+    from loldu_sd.toyworld.pretrain import lr_at
+
+    assert lr_at(0, 4000, 1.0, 300) == pytest.approx(1 / 300) and lr_at(299, 4000, 1.0, 300) == pytest.approx(1.0)
+    assert lr_at(4000, 4000, 1.0, 300) == pytest.approx(0.1) == lr_at(5999, 4000, 1.0, 300)
+
+
+def test_generator_stage_trains_the_unet_under_a_frozen_text_encoder(tmp_path):
+    import torch
+
+    from loldu_sd.toyworld.models import build_text_encoder, build_vae
+    from loldu_sd.toyworld.pretrain import train_generator
+
+    build_vae(0).save_pretrained(tmp_path / "vae")
+    train_generator(tmp_path, steps=2, batch=2, seed=0, lr=1e-3)
+    state = torch.load(tmp_path / "generator_state.pt", weights_only=True)
+    init = build_text_encoder(toy_tokenizer(), 0).state_dict()
+    assert state["step"] == 2 and all(torch.equal(state["ema_te"][k], v) for k, v in init.items())
+    assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), state["ema_unet"].values()))
