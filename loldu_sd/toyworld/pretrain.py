@@ -168,11 +168,12 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
     tokenizer = toy_tokenizer()
     unet, text_encoder = build_unet(seed).train(), build_text_encoder(tokenizer, seed).eval().requires_grad_(False)
-    ema_unet, ema_te = copy.deepcopy(unet).eval(), text_encoder
+    ema_unet = copy.deepcopy(unet).eval()
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = train_scheduler()
-    models = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_te": ema_te}
+    # the frozen text encoder is stored once, under the key export reads
+    models = {"unet": unet, "ema_unet": ema_unet, "ema_te": text_encoder}
     ckpt, log = out / "generator_state.pt", Log(out / "generator_loss.jsonl")
     start = _load_state(ckpt, models, opt)
     for step in range(start, steps):
