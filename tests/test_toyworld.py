@@ -143,15 +143,35 @@ def test_learning_rate_warms_up_decays_and_holds_its_floor():
     assert lr_at(4000, 4000, 1.0, 300) == pytest.approx(0.1) == lr_at(5999, 4000, 1.0, 300)
 
 
-def test_generator_stage_trains_the_unet_under_a_frozen_text_encoder(tmp_path):
+def test_generator_stage_trains_the_unet_under_the_judges_frozen_text_tower(tmp_path):
+    import shutil
+
     import torch
 
-    from loldu_sd.toyworld.models import build_text_encoder, build_vae
+    from loldu_sd.toyworld import JUDGES_DIR
+    from loldu_sd.toyworld.judges import load_judges
+    from loldu_sd.toyworld.models import build_vae
     from loldu_sd.toyworld.pretrain import train_generator
 
     build_vae(0).save_pretrained(tmp_path / "vae")
+    shutil.copytree(JUDGES_DIR, tmp_path / "judges")
     train_generator(tmp_path, steps=2, batch=2, seed=0, lr=1e-3)
     state = torch.load(tmp_path / "generator_state.pt", weights_only=True)
-    init = build_text_encoder(toy_tokenizer(), 0).state_dict()
-    assert state["step"] == 2 and all(torch.equal(state["ema_te"][k], v) for k, v in init.items())
+    tower = load_judges(JUDGES_DIR).image_text.text.state_dict()
+    assert state["step"] == 2 and all(torch.equal(state["ema_te"][k], v) for k, v in tower.items())
     assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), state["ema_unet"].values()))
+
+
+def test_object_weighted_loss_counts_shape_edges_more_than_flat_background():
+    import torch
+
+    from loldu_sd.toyworld.pretrain import object_weighted_mse
+
+    flat = torch.zeros(1, 3, 64, 64)
+    assert object_weighted_mse(torch.ones(1, 4, 16, 16), torch.zeros(1, 4, 16, 16), flat) == pytest.approx(1.0)
+    scene = flat.clone()
+    scene[:, :, 24:40, 24:40] = 1.0  # a square in the middle
+    err_on_edge, err_in_corner = torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16)
+    err_on_edge[..., 8, 5], err_in_corner[..., 0, 0] = 1.0, 1.0  # latent column 5 holds the left edge
+    assert object_weighted_mse(err_on_edge, 0 * err_on_edge, scene) > 2 * object_weighted_mse(
+        err_in_corner, 0 * err_in_corner, scene)
