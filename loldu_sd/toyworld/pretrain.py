@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--vae_batch", type=int, default=16)
     p.add_argument("--decoder_steps", type=int, default=1500)
-    p.add_argument("--steps", type=int, default=6000, help="generator steps")
-    p.add_argument("--decay_steps", type=int, default=4000,
+    p.add_argument("--steps", type=int, default=5000, help="generator steps")
+    p.add_argument("--decay_steps", type=int, default=5000,
                    help="generator steps of cosine decay; the rest run at its final 10 %% learning rate")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
