@@ -23,6 +23,13 @@ def test_every_kind_covers_a_plausible_area(kind):
     assert 0.04 < covered < 0.25, covered  # a radius-12 shape on a 64x64 canvas: neither a speck nor a fill
 
 
+def test_kind_masks_mark_each_object_under_its_own_kind():
+    scene = W.Scene((W.Thing("square", "red", (), (20, 20), 8.0), W.Thing("ring", "blue", (), (44, 44), 10.0)))
+    masks = [np.asarray(m) for m in W.kind_masks(scene)]
+    square, ring = W.KINDS.index("square"), W.KINDS.index("ring")
+    assert masks[square][20, 20] == 255 and masks[square][44, 44] == 0 and masks[ring][44, 44] == 0  # the ring's hole
+    assert masks[ring][44, 35] == 255 and sum(m.sum() for m in masks) == masks[square].sum() + masks[ring].sum()
+
 def test_captions_follow_dreambooth_grammar():
     scene = W.Scene((W.Thing("star", "orange", (("dot", "blue"),)),), "striped", "green", "small",
                     "in the top left corner")
@@ -161,6 +168,43 @@ def test_generator_stage_trains_the_unet_under_the_judges_frozen_text_tower(tmp_
     assert state["step"] == 2 and all(torch.equal(state["ema_te"][k], v) for k, v in tower.items())
     assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), state["ema_unet"].values()))
 
+
+def test_kind_targets_name_the_kind_under_each_latent_pixel():
+    from loldu_sd.toyworld.pretrain import kind_targets
+
+    scene = W.Scene((W.Thing("star", "red", (), (32, 32), 17.0),))
+    targets = kind_targets([scene], 16)
+    assert targets.shape == (1, 1 + len(W.KINDS), 16, 16) and np.allclose(targets.sum(1).numpy(), 1.0)
+    assert targets[0, 1 + W.KINDS.index("star"), 8, 8] == 1.0 and targets[0, 0, 0, 0] == 1.0
+    edge = (targets[0, 0] > 0) & (targets[0, 0] < 1)  # latent pixels the outline crosses share star and background
+    assert edge.sum() > 8 and np.allclose(targets[0, 1 + W.KINDS.index("star")][edge] + targets[0, 0][edge], 1.0)
+
+
+def test_blurred_latents_keep_a_flat_field_and_spread_a_spike_evenly():
+    import torch
+
+    from loldu_sd.toyworld.pretrain import blur_latents
+
+    flat = torch.full((1, 8, 16, 16), 0.7)
+    assert torch.allclose(blur_latents(flat, 1.0), flat)
+    spike = torch.zeros(1, 1, 16, 16)
+    spike[..., 8, 8] = 1.0
+    out = blur_latents(spike, 1.0)
+    assert out.sum().item() == pytest.approx(1.0) and out[0, 0, 8, 8] < 0.2
+    assert out[0, 0, 8, 7] == out[0, 0, 8, 9] == out[0, 0, 7, 8] == out[0, 0, 9, 8]
+
+
+def test_vae_stage_trains_the_kind_head_and_stores_the_latent_scale(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from loldu_sd.toyworld.pretrain import train_vae
+
+    train_vae(tmp_path, steps=2, batch=2, seed=0)
+    state = torch.load(tmp_path / "vae_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["kind_head"]["weight"].shape[:2] == (1 + len(W.KINDS), 8)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert vae.config.latent_channels == 8 and vae.config.scaling_factor != 0.18215
 
 def test_object_weighted_loss_counts_shape_edges_more_than_flat_background():
     import torch

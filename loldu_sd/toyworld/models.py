@@ -4,7 +4,7 @@
     build_unet(), build_vae(), train_scheduler(), sample_scheduler()   (the text encoder is the image-text
     judge's text tower, see judges.py)
 
-Images are 64x64; the VAE downsamples by 4 to 16x16x4 latents (SD downsamples 512 by 8 to 64x64x4). Words outside
+Images are 64x64; the VAE downsamples by 4 to 16x16x8 latents (SD downsamples 512 by 8 to 64x64x4). Words outside
 the world's vocabulary (such as the identifier "sks") fall apart into byte-level tokens that pretraining never
 trains: exactly what DreamBooth wants from a rare identifier.
 """
@@ -14,9 +14,8 @@ from ..testing import EOS, clip_tokenizer
 from .world import BACKGROUNDS, COLOURS, DECORATIONS, KINDS, PLURALS, POSITIONS, RICH_DECORATIONS, SIZES
 
 MAX_LENGTH = 32
-# 4 latent channels, as SD 1.x: with the edge-weighted loss a small autoencoder keeps star points and stripes in them.
-# A 16-channel latent reconstructed better (29 vs 27 dB) but the generator trained on it drew every kind as a blob
-LATENT_CHANNELS = 4
+# 8 latent channels: room for the kind code the autoencoder learns (see pretrain.train_vae) beside the colours
+LATENT_CHANNELS = 8
 # DDPM's linear schedule, not SD's scaled-linear one: at 16x16 latents SD's last step keeps so much signal in the
 # noise's spatial mean (SNR ~1 for a background colour) that the model learnt to read the background off the starting
 # noise and ignored the caption; here that SNR is ~0.01, so the caption has to decide it
@@ -73,7 +72,7 @@ def toy_tokenizer():
 
 
 def build_unet(seed: int = 0):
-    """A 3-level UNet2DConditionModel on 16x16x4 latents; self- and cross-attention at 16x16, 8x8 and 4x4."""
+    """A 3-level UNet2DConditionModel on 16x16x8 latents; self- and cross-attention at 16x16, 8x8 and 4x4."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -87,7 +86,7 @@ def build_unet(seed: int = 0):
 
 
 def build_vae(seed: int = 0):
-    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16x4 latents (x4 downsampling)."""
+    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16x8 latents (x4 downsampling)."""
     import torch
     from diffusers import AutoencoderKL
 

@@ -183,6 +183,13 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
+def kind_masks(scene: Scene) -> list[Image.Image]:
+    """One binary SIZE x SIZE mask per kind in `KINDS`: where the scene draws an object of that kind."""
+    masks = [Image.new("L", (SIZE, SIZE), 0) for _ in KINDS]
+    for t in scene.things:
+        masks[KINDS.index(t.kind)].paste(255, mask=_mask(t.kind, t.centre[0], t.centre[1], t.radius, SIZE))
+    return masks
+
 # ---- captions ------------------------------------------------------------------------------------------------------
 def article(word: str) -> str:
     """'an' before a vowel sound, else 'a'."""
