@@ -28,7 +28,7 @@ from .models import build_unet, build_vae, sample_scheduler, toy_tokenizer, trai
 from .world import KINDS, caption, kind_masks, render, sample_scene
 
 
-# as SD's VAE: against the edge-weighted per-pixel loss it keeps 4 latent channels near unit scale
+# as SD's VAE: against the edge-weighted per-pixel loss it keeps the latent channels near unit scale
 KL_WEIGHT = 1e-6
 # the kind head's share of the autoencoder loss: object pixels name their kind 98 % right by step 1,500
 KIND_WEIGHT = 0.3
