@@ -30,6 +30,7 @@ def test_kind_masks_mark_each_object_under_its_own_kind():
     assert masks[square][20, 20] == 255 and masks[square][44, 44] == 0 and masks[ring][44, 44] == 0  # the ring's hole
     assert masks[ring][44, 35] == 255 and sum(m.sum() for m in masks) == masks[square].sum() + masks[ring].sum()
 
+
 def test_captions_follow_dreambooth_grammar():
     scene = W.Scene((W.Thing("star", "orange", (("dot", "blue"),)),), "striped", "green", "small",
                     "in the top left corner")
@@ -205,6 +206,7 @@ def test_vae_stage_trains_the_kind_head_and_stores_the_latent_scale(tmp_path):
     assert state["step"] == 2 and state["kind_head"]["weight"].shape[:2] == (1 + len(W.KINDS), 8)
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor != 0.18215
+
 
 def test_object_weighted_loss_counts_shape_edges_more_than_flat_background():
     import torch

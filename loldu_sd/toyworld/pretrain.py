@@ -104,7 +104,7 @@ def train_vae(out: Path, steps: int, batch: int, seed: int) -> None:
     for step in range(start, steps):
         rng = random.Random((seed + 1) * 1_000_003 + step)
         scenes = [sample_scene(rng) for _ in range(batch)]
-        x, targets = images_to_tensor([render(s) for s in scenes]), kind_targets(scenes, 16)
+        x = images_to_tensor([render(s) for s in scenes])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 1e-3, 100)
         post = vae.encode(x).latent_dist
@@ -117,6 +117,7 @@ def train_vae(out: Path, steps: int, batch: int, seed: int) -> None:
         # edge weights: with a plain mean loss the wide backgrounds drown the shapes (25 dB, stars drawn as blobs
         # after 1,400 steps); weighted, stars, triangles and crosses keep their outline by 1,250 steps (26.3 dB).
         loss = (edge_weights(x) * ((rec - x).abs() + 0.5 * (rec - x) ** 2)).mean()
+        targets = kind_targets(scenes, z.shape[-1])
         loss = loss + KIND_WEIGHT * kind_loss(kind_head(z), targets) + KL_WEIGHT * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

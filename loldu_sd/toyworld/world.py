@@ -190,6 +190,7 @@ def kind_masks(scene: Scene) -> list[Image.Image]:
         masks[KINDS.index(t.kind)].paste(255, mask=_mask(t.kind, t.centre[0], t.centre[1], t.radius, SIZE))
     return masks
 
+
 # ---- captions ------------------------------------------------------------------------------------------------------
 def article(word: str) -> str:
     """'an' before a vowel sound, else 'a'."""
