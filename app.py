@@ -1,8 +1,7 @@
 """`python app.py`: LoLDU Studio, a Gradio app to train kilobyte adapters from a few images and generate with them.
 
-    python -m loldu_sd.testing --save tiny-sd      # a tiny offline pipeline, for a quick local try
-    python app.py --pretrained_model_name_or_path tiny-sd --library_dir library
-    python app.py --pretrained_model_name_or_path runs/toyworld/pipeline   # a pretrained toy world (docs/toyworld.md)
+    python app.py                                  # the embedded toy world, offline (docs/toyworld.md)
+    python app.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5   # GPU + Hub
 
 Only the UI lives here; the logic (library, shared pipeline, training jobs, validation) is in loldu_sd/studio/.
 Nothing heavy happens at import: the model loads on first use.
@@ -415,8 +414,8 @@ def library_tab(events: Events, gen_picks: list):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="Hub id or local diffusers folder of the base model.")
+    p.add_argument("--pretrained_model_name_or_path", default=str(toyworld.PIPELINE_DIR),
+                   help="Hub id or local diffusers folder of the base model (default: the embedded toy world).")
     p.add_argument("--library_dir", default="library", help="Folder of saved adapters (created if missing).")
     p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
     p.add_argument("--port", type=int, default=7860)

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One command, offline: set up .venv, build the tiny pipeline, train a concept from assets/concept, generate with it.
+# One command, offline: set up .venv, teach the embedded toy world's pretrained pipeline a held-out concept with LoLDU
+# (about 2 minutes on 2 CPU cores), then draw the same prompts and seeds without and with the adapter:
+# <out>/before_after.png, with the toy-world judges' subject- and prompt-fidelity scores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
 export HF_HUB_OFFLINE=1
-OUT="${1:-outputs/robot}"
-python -m loldu_sd.testing --save tiny-sd
+CONCEPT="${CONCEPT:-star}"                 # star, disc, checker or eye (assets/toyworld/concepts)
+OUT="${1:-outputs/$CONCEPT}"
+PIPE=assets/toyworld/pipeline
+PROMPT="$(python -c "from loldu_sd.toyworld.concepts import CONCEPTS; print(CONCEPTS['$CONCEPT'].instance_prompt)")"
+LR="$(python -c "from loldu_sd import toyworld; print(toyworld.LEARNING_RATE)")"
+STEPS="$(python -c "from loldu_sd import toyworld; print(toyworld.TRAIN_STEPS)")"
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --cpu \
   train_dreambooth_loldu.py \
-  --pretrained_model_name_or_path tiny-sd \
-  --instance_data_dir assets/concept \
-  --instance_prompt "a photo of sks robot" \
-  --resolution 64 --train_batch_size 1 --max_train_steps 40 --checkpointing_steps 20 \
-  --learning_rate 5e-3 --validation_prompt "a photo of sks robot on the beach" --validation_steps 20 \
+  --pretrained_model_name_or_path "$PIPE" \
+  --instance_data_dir "assets/toyworld/concepts/$CONCEPT" --instance_prompt "$PROMPT" \
+  --resolution 64 --train_batch_size 4 --max_train_steps "$STEPS" --learning_rate "$LR" \
+  --checkpointing_steps 200 --validation_prompt "${PROMPT/a photo of/a photo of two}" --validation_steps 200 \
   --num_validation_images 2 --report_to tensorboard --output_dir "$OUT"
-python -m loldu_sd.generate --pretrained_model_name_or_path tiny-sd --adapter "$OUT" \
-  --prompt "a photo of sks robot on the beach" --num_inference_steps 10 --output "$OUT/beach.png"
-ls -l "$OUT"/pytorch_loldu_weights.safetensors
+python -m eval.before_after --adapter "$OUT" --concept "$CONCEPT" --pretrained_model_name_or_path "$PIPE" \
+  --out "$OUT/before_after.png"
+ls -l "$OUT"/pytorch_loldu_weights.safetensors "$OUT/before_after.png"

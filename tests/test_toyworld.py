@@ -199,11 +199,13 @@ def test_vae_stage_trains_the_kind_head_and_stores_the_latent_scale(tmp_path):
     import torch
     from diffusers import AutoencoderKL
 
-    from loldu_sd.toyworld.pretrain import train_vae
+    from loldu_sd.toyworld.pretrain import load_kind_head, train_vae
 
     train_vae(tmp_path, steps=2, batch=2, seed=0)
     state = torch.load(tmp_path / "vae_state.pt", weights_only=True)
     assert state["step"] == 2 and state["kind_head"]["weight"].shape[:2] == (1 + len(W.KINDS), 8)
+    head = load_kind_head(tmp_path, 8)  # the generator stage reads the head from its own file
+    assert torch.equal(head.weight, state["kind_head"]["weight"]) and not head.weight.requires_grad
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor != 0.18215
 
@@ -221,3 +223,51 @@ def test_object_weighted_loss_counts_shape_edges_more_than_flat_background():
     err_on_edge[..., 8, 5], err_in_corner[..., 0, 0] = 1.0, 1.0  # latent column 5 holds the left edge
     assert object_weighted_mse(err_on_edge, 0 * err_on_edge, scene) > 2 * object_weighted_mse(
         err_in_corner, 0 * err_in_corner, scene)
+
+
+def test_x0_from_v_matches_the_schedulers_own_estimate():
+    import torch
+
+    from loldu_sd.toyworld.models import train_scheduler
+    from loldu_sd.toyworld.pretrain import predicted_x0
+
+    sched, g = train_scheduler(), torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 8, 16, 16, generator=g), torch.randn(3, 8, 16, 16, generator=g)
+    t = torch.tensor([10, 500, 990])
+    noisy, v = sched.add_noise(x0, noise, t), sched.get_velocity(x0, noise, t)
+    assert torch.allclose(predicted_x0(sched, noisy, v, t), x0, atol=1e-4)
+    sched.set_timesteps(1000)
+    step = sched.step(v[1:2], 500, noisy[1:2], generator=g)  # diffusers' own v -> x0 conversion, clipped to [-1, 1]
+    ours = predicted_x0(sched, noisy[1:2], v[1:2], t[1:2]).clamp(-1, 1)
+    assert torch.allclose(ours, step.pred_original_sample, atol=1e-4)
+
+
+def test_kind_agreement_is_lowest_when_the_estimate_names_the_true_latents_kinds():
+    import torch
+
+    from loldu_sd.toyworld.pretrain import kind_agreement
+
+    torch.manual_seed(0)
+    head = torch.nn.Conv2d(8, 1 + len(W.KINDS), 1)
+    z = 3 * torch.randn(2, 8, 16, 16)
+    right = kind_agreement(head, z, z)
+    assert right < kind_agreement(head, z.flip(-1), z) and right < kind_agreement(head, torch.zeros_like(z), z)
+
+
+# ---- the committed pipeline --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_committed_pipeline_loads_offline_small_and_draws_what_it_is_told(judges):
+    from diffusers import StableDiffusionPipeline
+
+    from eval.toyworld import attribute_hits, generate, probe_prompts, prompt_of
+    from loldu_sd.toyworld import ASSETS_DIR, MARKER, PIPELINE_DIR, load_pipeline
+
+    pipe = load_pipeline()
+    assert isinstance(pipe, StableDiffusionPipeline) and (PIPELINE_DIR / MARKER).is_file()
+    stored = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*.safetensors"))
+    assert stored <= 20e6, stored  # pipeline and judges, fp16
+    triples = probe_prompts(held_out=False, n=16, seed=3)
+    hits = {k: sum(v) for k, v in attribute_hits(judges, generate(pipe, [prompt_of(*t) for t in triples]),
+                                                 triples).items()}
+    # chance: 2 of 16 for each attribute; the measured counts are in docs/toyworld.md
+    assert hits["background"] >= BACKGROUND_HITS and hits["colour"] >= COLOUR_HITS and hits["kind"] >= KIND_HITS, hits

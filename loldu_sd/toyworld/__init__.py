@@ -21,7 +21,7 @@ CONCEPTS_DIR = ASSETS_DIR / "concepts"
 GUIDANCE_SCALE = 4.0  # what the toy model was tuned for; SD's 7.5 over-saturates its flat colours
 INFERENCE_STEPS = 20
 # LoLDU settings for a concept on this small model (eval.before_after runs picked them; see docs/toyworld.md)
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 1e-3
 TRAIN_STEPS = 400
 SAMPLE_CONCEPT = "star"
 

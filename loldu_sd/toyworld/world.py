@@ -23,7 +23,8 @@ COLOURS = {"red": (220, 38, 38), "orange": (247, 140, 20), "yellow": (250, 218, 
            "blue": (35, 85, 225), "purple": (135, 55, 190), "white": (245, 245, 245), "black": (25, 25, 25)}
 KINDS = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
 PLURALS = {k: ("crosses" if k == "cross" else k + "s") for k in KINDS}
-SIZES = {"small": 8.0, "medium": 12.0, "large": 17.0}  # radius in pixels at 64x64
+# radius in pixels at 64x64; an outline narrower than ~3 latent pixels (16x16 latents) the generator draws as a blob
+SIZES = {"small": 10.0, "medium": 13.0, "large": 17.0}
 POSITIONS = {"in the center": (32, 32), "in the top left corner": (17, 17), "in the top right corner": (47, 17),
              "in the bottom left corner": (17, 47), "in the bottom right corner": (47, 47)}
 BACKGROUNDS = ("plain", "gradient", "striped")
@@ -255,7 +256,7 @@ def sample_scene(rng: random.Random, obj: tuple | None = None, p_two: float = 0.
     background_colour = rng.choice([c for c in COLOURS if c != colour])
     says = {a for a, p in (("colour", 0.92), ("decoration", 0.85), ("background", 0.7)) if rng.random() < p}
     if rng.random() < p_two:
-        r = rng.uniform(7, 11)
+        r = rng.uniform(9, 12)
         things: list[Thing] = []
         for _ in range(2):
             things.append(Thing(kind, colour, decorations, _free_centre(rng, r, things), r))

@@ -1,0 +1,26 @@
+"""LoLDU learns a held-out concept on the committed toy-world pipeline, as the quick start trains it."""
+import pytest
+
+from loldu_sd import toyworld
+from loldu_sd.toyworld.concepts import CONCEPTS
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_loldu_run_raises_subject_fidelity_and_keeps_prompts_and_prior(tmp_path):
+    from eval.before_after import run
+    from loldu_sd import training
+
+    concept = CONCEPTS[toyworld.SAMPLE_CONCEPT]
+    argv = ["--pretrained_model_name_or_path", str(toyworld.PIPELINE_DIR),
+            "--instance_data_dir", str(toyworld.CONCEPTS_DIR / concept.name),
+            "--instance_prompt", concept.instance_prompt, "--output_dir", str(tmp_path / "adapter"),
+            "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", str(toyworld.TRAIN_STEPS),
+            "--learning_rate", str(toyworld.LEARNING_RATE), "--checkpointing_steps", "100000",
+            "--num_validation_images", "0", "--report_to", "none"]
+    training.train_dreambooth(training.parse_args(argv))
+    r = run(toyworld.PIPELINE_DIR, tmp_path / "adapter", concept.name)
+    base, adapted = r["base"], r["adapter"]
+    # measured in docs/toyworld.md; the margins leave room for other CPUs' float rounding
+    assert adapted["dino"] > base["dino"] + DINO_GAIN and adapted["clip_i"] > base["clip_i"] + CLIP_I_GAIN, r
+    assert adapted["clip_t"] > 0.9 * base["clip_t"] and r["prior"] > PRIOR_KEPT, r
