@@ -133,10 +133,16 @@ class Events:
     def __init__(self, studio: Studio):
         self.studio = studio
 
+    def _request(self, files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name) -> TrainRequest:
+        """The Train form as a request; the toy world's small model trains on several photos a step."""
+        batch = toyworld.TRAIN_BATCH_SIZE if toyworld.is_toyworld(self.studio.base_model) else 1
+        return TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every,
+                            batch_size=batch)
+
     def train_check(self, files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name,
                     request: gr.Request):
         """Fast pre-queue check: validates the form, and tells the user when they will wait behind another job."""
-        req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
+        req = self._request(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name)
         try:
             req.validate(self.studio.library)
         except StudioError as e:
@@ -150,7 +156,7 @@ class Events:
 
     def train(self, files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name, request: gr.Request):
         """Run one training job (one at a time: Gradio's queue) and stream progress, loss curve and previews."""
-        req = TrainRequest(list(files or []), instance_prompt, name, class_prompt, steps, rank, lr, seed, every)
+        req = self._request(files, instance_prompt, class_prompt, steps, rank, lr, seed, every, name)
         owner = request.session_hash if request else ""
         if owner and self.studio.trainer.take_waiting(owner):
             yield status_html(text="Cancelled before it started: nothing was trained."), loss_frame(None), []

@@ -17,7 +17,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   --pretrained_model_name_or_path "$PIPE" \
   --instance_data_dir "assets/toyworld/concepts/$CONCEPT" --instance_prompt "$PROMPT" \
   --resolution 64 --train_batch_size 4 --max_train_steps "$STEPS" --learning_rate "$LR" \
-  --checkpointing_steps 200 --validation_prompt "${PROMPT/a photo of/a photo of two}" --validation_steps 200 \
+  --checkpointing_steps 200 --validation_prompt "${PROMPT/a photo of a/a photo of two}s" --validation_steps 200 \
   --num_validation_images 2 --report_to tensorboard --output_dir "$OUT"
 python -m eval.before_after --adapter "$OUT" --concept "$CONCEPT" --pretrained_model_name_or_path "$PIPE" \
   --out "$OUT/before_after.png"

@@ -140,3 +140,16 @@ def test_one_training_job_at_a_time_and_cancel(app_server):
     assert "Cancelled" in status and "kept the last checkpoint" in status, status
     assert "Done: saved 'after'" in html.unescape(queued.result(timeout=60)[0])
     assert {"long", "after"} <= {p.name for p in lib.iterdir()}
+
+
+def test_the_toy_world_trains_several_photos_a_step():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    import app
+    from loldu_sd import toyworld
+
+    form = ([], "a photo of a sks star", "", 400, 32, 1e-3, 0, 25, "star")
+    toy = app.Events(SimpleNamespace(base_model=str(toyworld.PIPELINE_DIR)))._request(*form)
+    sd = app.Events(SimpleNamespace(base_model="stable-diffusion-v1-5/stable-diffusion-v1-5"))._request(*form)
+    assert (toy.batch_size, sd.batch_size) == (toyworld.TRAIN_BATCH_SIZE, 1)

@@ -117,6 +117,7 @@ def test_train_request_validation(tmp_path, images):
     for change, msg in [({"instance_prompt": "  "}, "instance prompt is empty"), ({"steps": 0}, "training steps"),
                         ({"steps": 10**6}, "training steps"), ({"rank": 0}, "rank"),
                         ({"learning_rate": 5.0}, "learning rate"), ({"name": "!!"}, "adapter name"),
+                        ({"batch_size": 0}, "batch size"),
                         ({"images": [str(images[0])]}, "at least 3")]:
         req = TrainRequest(**{**ok.__dict__, **change})
         with pytest.raises(StudioError, match=msg):

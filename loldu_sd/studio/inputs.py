@@ -38,6 +38,7 @@ class Limits:
     num_images: tuple[int, int] = (1, 8)
     seed: tuple[int, int] = (0, 2**32 - 1)
     weight: tuple[float, float] = (-2.0, 2.0)
+    batch_size: tuple[int, int] = (1, 16)
 
 
 LIMITS = Limits()
@@ -209,6 +210,7 @@ class TrainRequest:
     validation_every: int = 25
     num_class_images: int = 8  # prior-preservation images generated for the class prompt (few: this is an app)
     requested_name: str = ""  # the name as typed; `name` is its sanitised form once validated
+    batch_size: int = 1  # the paper's; the toy world's small model learns at 4
 
     def validate(self, library: AdapterLibrary | None = None) -> list[Image.Image]:
         """Check every field (StudioError on the first problem) and normalise it in place; returns the images."""
@@ -223,6 +225,7 @@ class TrainRequest:
         self.rank = check_range("rank", self.rank, LIMITS.rank, integer=True)
         self.learning_rate = check_range("learning rate", self.learning_rate, LIMITS.learning_rate)
         self.seed = check_range("seed", self.seed, LIMITS.seed, integer=True)
+        self.batch_size = check_range("batch size", self.batch_size, LIMITS.batch_size, integer=True)
         self.validation_every = check_range("preview every N steps", self.validation_every,
                                             LIMITS.validation_every, integer=True)
         return load_images(self.images)

@@ -23,6 +23,7 @@ INFERENCE_STEPS = 20
 # LoLDU settings for a concept on this small model (eval.before_after runs picked them; see docs/toyworld.md)
 LEARNING_RATE = 1e-3
 TRAIN_STEPS = 400
+TRAIN_BATCH_SIZE = 4
 SAMPLE_CONCEPT = "star"
 
 
