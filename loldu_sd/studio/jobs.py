@@ -149,7 +149,8 @@ def run_trainer(base_model: str, workdir: Path, job: TrainingJob, resolution: in
     out = workdir / "output"
     argv = ["--pretrained_model_name_or_path", base_model, "--instance_data_dir", str(workdir / "instance"),
             "--instance_prompt", req.instance_prompt, "--output_dir", str(out), "--resolution", str(resolution),
-            "--max_train_steps", str(req.steps), "--train_batch_size", str(req.batch_size), "--rank", str(req.rank), "--alpha", str(req.rank),
+            "--max_train_steps", str(req.steps), "--train_batch_size", str(req.batch_size),
+            "--rank", str(req.rank), "--alpha", str(req.rank),
             "--learning_rate", repr(req.learning_rate), "--seed", str(req.seed),
             "--validation_steps", str(req.validation_every), "--num_validation_images", str(preview_images),
             "--checkpointing_steps", str(req.validation_every), "--checkpoints_total_limit", "1",
