@@ -108,4 +108,5 @@ def sample_scheduler():
     """DPM-Solver++ (2nd order) on the same schedule: sharp samples in 20 steps."""
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(**BETAS, algorithm_type="dpmsolver++", solver_order=2)
+    # steps_offset=1 is what StableDiffusionPipeline sets (with a warning) when it loads; linspace spacing ignores it
+    return DPMSolverMultistepScheduler(**BETAS, algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)

@@ -24,8 +24,9 @@ def denoising_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torc
     """The DreamBooth objective: mean squared error in fp32, optionally weighted per sample."""
     if weights is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    return (per_sample * weights).mean()
+    # weights on the elements, one mean over all: weights of exactly 1 then give the plain loss bit for bit
+    squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    return (squared * weights.view(-1, *[1] * (squared.dim() - 1))).mean()
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
