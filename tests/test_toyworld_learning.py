@@ -15,7 +15,8 @@ def test_a_short_loldu_run_raises_subject_fidelity_and_keeps_prompts_and_prior(t
     argv = ["--pretrained_model_name_or_path", str(toyworld.PIPELINE_DIR),
             "--instance_data_dir", str(toyworld.CONCEPTS_DIR / concept.name),
             "--instance_prompt", concept.instance_prompt, "--output_dir", str(tmp_path / "adapter"),
-            "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", str(toyworld.TRAIN_STEPS),
+            "--resolution", "64", "--train_batch_size", str(toyworld.TRAIN_BATCH_SIZE),
+            "--max_train_steps", str(toyworld.TRAIN_STEPS),
             "--learning_rate", str(toyworld.LEARNING_RATE), "--checkpointing_steps", "100000",
             "--num_validation_images", "0", "--report_to", "none"]
     training.train_dreambooth(training.parse_args(argv))
