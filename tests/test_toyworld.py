@@ -170,6 +170,33 @@ def test_generator_stage_trains_the_unet_under_the_judges_frozen_text_tower(tmp_
     assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), state["ema_unet"].values()))
 
 
+
+def test_a_second_cycle_starts_from_a_pipelines_unet_and_counts_its_steps(tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from loldu_sd.toyworld import JUDGES_DIR, MARKER
+    from loldu_sd.toyworld.models import build_unet, build_vae
+    from loldu_sd.toyworld.pretrain import export_pipeline, train_generator
+
+    earlier = tmp_path / "earlier"
+    build_unet(7).half().save_pretrained(earlier / "unet")
+    (earlier / MARKER).write_text(json.dumps({"generator_steps": 5000}))
+    run = tmp_path / "run"
+    build_vae(0).save_pretrained(run / "vae")
+    shutil.copytree(JUDGES_DIR, run / "judges")
+    train_generator(run, steps=1, batch=2, seed=0, lr=1e-12, init_from=earlier)  # lr ~0: the weights stay put
+    state = torch.load(run / "generator_state.pt", weights_only=True)
+    start = load_file(earlier / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(state["unet"][k], v.float(), atol=1e-6) for k, v in start.items())
+    marker = json.loads((export_pipeline(run, run / "pipeline", 0) / MARKER).read_text())
+    assert marker["generator_steps"] == 5001 and marker["cycles"] == [5000, 1]
+    with pytest.raises(FileNotFoundError, match="--init_from"):
+        train_generator(tmp_path / "fresh", steps=1, batch=2, seed=0, lr=1e-3, init_from=tmp_path / "nothing")
+
 def test_kind_targets_name_the_kind_under_each_latent_pixel():
     from loldu_sd.toyworld.pretrain import kind_targets
 

@@ -36,6 +36,7 @@ KIND_WEIGHT = 0.3
 KIND_HEAD_FILE = "vae_kind_head.safetensors"
 # the generator's kind loss: the kind its one-step x0 estimate names, against the kind the true latent names
 GENERATOR_KIND_WEIGHT = 0.2
+INIT_FILE = "generator_init.json"  # written when the generator starts from an earlier pipeline (--init_from)
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -206,15 +207,18 @@ def finetune_decoder(out: Path, steps: int, batch: int, seed: int) -> None:
 
 
 # ---- stage 2: the UNet --------------------------------------------------------------------------------------------
-def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, decay_steps: int | None = None) -> None:
+def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, decay_steps: int | None = None,
+                    init_from: Path | None = None) -> None:
     """Train the UNet on captioned scenes under the frozen text tower of the image-text judge; keep an EMA copy.
 
     As SD conditions on CLIP's contrastively trained text tower, kept frozen: the judge's tower (trained on captions
     with kind-swapped hard negatives) separates two captions that differ in one word 4-5x more than a random
-    encoder does. A text encoder trained jointly from scratch collapsed within 500 steps.
+    encoder does. A text encoder trained jointly from scratch collapsed within 500 steps. With `init_from` (a
+    pipeline folder) a fresh run starts from that pipeline's UNet: a second cycle of the learning-rate schedule.
     """
     from diffusers import AutoencoderKL
 
+    init = pipeline_unet(Path(init_from)) if init_from is not None else None
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
     tokenizer = toy_tokenizer()
@@ -228,6 +232,10 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     models = {"unet": unet, "ema_unet": ema_unet, "ema_te": text_encoder}
     ckpt, log = out / "generator_state.pt", Log(out / "generator_loss.jsonl")
     start = _load_state(ckpt, models, opt)
+    if start == 0 and init is not None:
+        unet.load_state_dict(init[0])
+        ema_unet.load_state_dict(init[0])
+        (out / INIT_FILE).write_text(json.dumps({"from": str(init_from), "generator_steps": init[1]}) + "\n")
     for step in range(start, steps):
         rng = random.Random(seed * 1_000_003 + 500_000 + step)
         x, captions = scene_batch(rng, batch)
@@ -255,6 +263,16 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
         log.add(step, loss.item())
         if (step + 1) % 250 == 0 or step + 1 == steps:
             _save_state(ckpt, step + 1, models, opt)
+
+
+def pipeline_unet(pipeline: Path) -> tuple[dict, int]:
+    """A pipeline folder's UNet weights (fp32) and the generator steps its marker records."""
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--init_from {pipeline}: no unet/diffusion_pytorch_model.safetensors there")
+    marker = pipeline / MARKER
+    earlier = json.loads(marker.read_text()).get("generator_steps", 0) if marker.is_file() else 0
+    return {k: v.float() for k, v in load_file(weights).items()}, earlier
 
 
 def load_kind_head(out: Path, channels: int) -> torch.nn.Conv2d | None:
@@ -318,6 +336,10 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
     state = torch.load(out / "generator_state.pt", weights_only=True)
     marker = {"world": "loldu-sd toy world", "generator_steps": state["step"], "seed": seed,
               "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": INFERENCE_STEPS}
+    if (out / INIT_FILE).is_file():  # a second cycle: count the steps of the pipeline it started from
+        init = json.loads((out / INIT_FILE).read_text())
+        marker["generator_steps"] += init["generator_steps"]
+        marker["cycles"] = [init["generator_steps"], state["step"]]
     unet.load_state_dict(state["ema_unet"])
     text_encoder.load_state_dict(state["ema_te"])
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder,
@@ -370,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="generator steps of cosine decay; the rest run at its final 10 %% learning rate")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--init_from", default=None,
+                   help="pipeline folder whose UNet a fresh generator stage starts from (a second schedule cycle)")
     p.add_argument("--judge_steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -384,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_judges(out, args.judge_steps, args.seed)
     if args.stage in ("generator", "all"):
-        train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps)
+        train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps, args.init_from)
     if args.stage in ("decoder", "all"):
         finetune_decoder(out, args.decoder_steps, args.vae_batch, args.seed)
     if args.stage in ("export", "all"):
