@@ -296,5 +296,5 @@ def test_committed_pipeline_loads_offline_small_and_draws_what_it_is_told(judges
     triples = probe_prompts(held_out=False, n=16, seed=3)
     hits = {k: sum(v) for k, v in attribute_hits(judges, generate(pipe, [prompt_of(*t) for t in triples]),
                                                  triples).items()}
-    # chance: 2 of 16 for each attribute; measured 14, 11 and 7 (docs/toyworld.md), less room for other CPUs' rounding
-    assert hits["background"] >= 11 and hits["colour"] >= 8 and hits["kind"] >= 5, hits
+    # chance: 2 of 16 for each attribute; measured 14, 14 and 7 (docs/toyworld.md), less room for other CPUs' rounding
+    assert hits["background"] >= 11 and hits["colour"] >= 11 and hits["kind"] >= 5, hits

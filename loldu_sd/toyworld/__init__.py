@@ -3,9 +3,9 @@
 Everything here was trained by `python -m loldu_sd.toyworld.pretrain` on 2 CPU cores and is committed under
 assets/toyworld (fp16 safetensors), so it loads offline:
 
-    from loldu_sd.toyworld import PIPELINE_DIR, load_pipeline
+    from loldu_sd.toyworld import GUIDANCE_SCALE, load_pipeline
     pipe = load_pipeline()                       # a real StableDiffusionPipeline, 64x64 images
-    pipe("a photo of a red star on a blue background", guidance_scale=4.0).images[0]
+    pipe("a photo of a red star on a blue background", guidance_scale=GUIDANCE_SCALE).images[0]
 
 Modules: world (scenes, rendering, captions), concepts (held-out DreamBooth subjects), models (component configs),
 pretrain (the training command), judges (instance encoder and image-text model for `eval --backbones toyworld`).
@@ -18,7 +18,7 @@ ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
 PIPELINE_DIR = ASSETS_DIR / "pipeline"
 JUDGES_DIR = ASSETS_DIR / "judges"
 CONCEPTS_DIR = ASSETS_DIR / "concepts"
-GUIDANCE_SCALE = 4.0  # what the toy model was tuned for; SD's 7.5 over-saturates its flat colours
+GUIDANCE_SCALE = 2.0  # measured best for the toy model (docs/toyworld.md, finding 13); SD's 7.5 washes out its shapes
 INFERENCE_STEPS = 20
 # LoLDU settings for a concept on this small model (eval.before_after runs picked them; see docs/toyworld.md)
 LEARNING_RATE = 1e-3
