@@ -170,7 +170,6 @@ def test_generator_stage_trains_the_unet_under_the_judges_frozen_text_tower(tmp_
     assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), state["ema_unet"].values()))
 
 
-
 def test_a_second_cycle_starts_from_a_pipelines_unet_and_counts_its_steps(tmp_path):
     import json
     import shutil

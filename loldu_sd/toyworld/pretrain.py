@@ -218,7 +218,7 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     """
     from diffusers import AutoencoderKL
 
-    init = pipeline_unet(Path(init_from)) if init_from is not None else None
+    init_weights, init_steps = pipeline_unet(Path(init_from)) if init_from is not None else (None, 0)
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
     tokenizer = toy_tokenizer()
@@ -232,10 +232,10 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     models = {"unet": unet, "ema_unet": ema_unet, "ema_te": text_encoder}
     ckpt, log = out / "generator_state.pt", Log(out / "generator_loss.jsonl")
     start = _load_state(ckpt, models, opt)
-    if start == 0 and init is not None:
-        unet.load_state_dict(init[0])
-        ema_unet.load_state_dict(init[0])
-        (out / INIT_FILE).write_text(json.dumps({"from": str(init_from), "generator_steps": init[1]}) + "\n")
+    if start == 0 and init_weights is not None:
+        unet.load_state_dict(init_weights)
+        ema_unet.load_state_dict(init_weights)
+        (out / INIT_FILE).write_text(json.dumps({"from": str(init_from), "generator_steps": init_steps}) + "\n")
     for step in range(start, steps):
         rng = random.Random(seed * 1_000_003 + 500_000 + step)
         x, captions = scene_batch(rng, batch)
