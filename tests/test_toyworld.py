@@ -170,7 +170,7 @@ def test_generator_stage_trains_the_unet_under_the_judges_frozen_text_tower(tmp_
     assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), state["ema_unet"].values()))
 
 
-def test_a_second_cycle_starts_from_a_pipelines_unet_and_counts_its_steps(tmp_path):
+def test_later_cycles_start_from_a_pipelines_unet_and_count_every_cycles_steps(tmp_path):
     import json
     import shutil
 
@@ -193,6 +193,12 @@ def test_a_second_cycle_starts_from_a_pipelines_unet_and_counts_its_steps(tmp_pa
     assert all(torch.allclose(state["unet"][k], v.float(), atol=1e-6) for k, v in start.items())
     marker = json.loads((export_pipeline(run, run / "pipeline", 0) / MARKER).read_text())
     assert marker["generator_steps"] == 5001 and marker["cycles"] == [5000, 1]
+    third = tmp_path / "third"
+    shutil.copytree(run / "vae", third / "vae")
+    shutil.copytree(JUDGES_DIR, third / "judges")
+    train_generator(third, steps=2, batch=2, seed=0, lr=1e-12, init_from=run / "pipeline")
+    marker = json.loads((export_pipeline(third, third / "pipeline", 0) / MARKER).read_text())
+    assert marker["generator_steps"] == 5003 and marker["cycles"] == [5000, 1, 2]
     with pytest.raises(FileNotFoundError, match="--init_from"):
         train_generator(tmp_path / "fresh", steps=1, batch=2, seed=0, lr=1e-3, init_from=tmp_path / "nothing")
 

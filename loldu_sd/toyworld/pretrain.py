@@ -218,7 +218,7 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     """
     from diffusers import AutoencoderKL
 
-    init_weights, init_steps = pipeline_unet(Path(init_from)) if init_from is not None else (None, 0)
+    init_weights, init_cycles = pipeline_unet(Path(init_from)) if init_from is not None else (None, [])
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
     tokenizer = toy_tokenizer()
@@ -235,7 +235,8 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     if start == 0 and init_weights is not None:
         unet.load_state_dict(init_weights)
         ema_unet.load_state_dict(init_weights)
-        (out / INIT_FILE).write_text(json.dumps({"from": str(init_from), "generator_steps": init_steps}) + "\n")
+        init = {"from": str(init_from), "generator_steps": sum(init_cycles), "cycles": init_cycles}
+        (out / INIT_FILE).write_text(json.dumps(init) + "\n")
     for step in range(start, steps):
         rng = random.Random(seed * 1_000_003 + 500_000 + step)
         x, captions = scene_batch(rng, batch)
@@ -265,14 +266,16 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
             _save_state(ckpt, step + 1, models, opt)
 
 
-def pipeline_unet(pipeline: Path) -> tuple[dict, int]:
-    """A pipeline folder's UNet weights (fp32) and the generator steps its marker records."""
+def pipeline_unet(pipeline: Path) -> tuple[dict, list[int]]:
+    """A pipeline folder's UNet weights (fp32) and the generator steps of each cycle its marker records."""
     weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"--init_from {pipeline}: no unet/diffusion_pytorch_model.safetensors there")
     marker = pipeline / MARKER
-    earlier = json.loads(marker.read_text()).get("generator_steps", 0) if marker.is_file() else 0
-    return {k: v.float() for k, v in load_file(weights).items()}, earlier
+    recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+    steps = recorded.get("generator_steps", 0)
+    cycles = recorded.get("cycles", [steps] if steps else [])
+    return {k: v.float() for k, v in load_file(weights).items()}, cycles
 
 
 def load_kind_head(out: Path, channels: int) -> torch.nn.Conv2d | None:
@@ -336,10 +339,10 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
     state = torch.load(out / "generator_state.pt", weights_only=True)
     marker = {"world": "loldu-sd toy world", "generator_steps": state["step"], "seed": seed,
               "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": INFERENCE_STEPS}
-    if (out / INIT_FILE).is_file():  # a second cycle: count the steps of the pipeline it started from
+    if (out / INIT_FILE).is_file():  # a later cycle: count the steps of the pipeline it started from
         init = json.loads((out / INIT_FILE).read_text())
         marker["generator_steps"] += init["generator_steps"]
-        marker["cycles"] = [init["generator_steps"], state["step"]]
+        marker["cycles"] = init.get("cycles", [init["generator_steps"]]) + [state["step"]]
     unet.load_state_dict(state["ema_unet"])
     text_encoder.load_state_dict(state["ema_te"])
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder,
