@@ -202,29 +202,6 @@ def test_later_cycles_start_from_a_pipelines_unet_and_count_every_cycles_steps(t
     with pytest.raises(FileNotFoundError, match="--init_from"):
         train_generator(tmp_path / "fresh", steps=1, batch=2, seed=0, lr=1e-3, init_from=tmp_path / "nothing")
 
-def test_the_decoder_stage_fits_only_the_decoder_and_the_export_ships_it(tmp_path):
-    import json
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from loldu_sd.toyworld import JUDGES_DIR, MARKER
-    from loldu_sd.toyworld.models import build_vae
-    from loldu_sd.toyworld.pretrain import export_pipeline, finetune_decoder, train_generator
-
-    build_vae(0).save_pretrained(tmp_path / "vae")
-    shutil.copytree(JUDGES_DIR, tmp_path / "judges")
-    train_generator(tmp_path, steps=1, batch=2, seed=0, lr=1e-3)
-    finetune_decoder(tmp_path, steps=2, batch=2, seed=0)
-    pipe = export_pipeline(tmp_path, tmp_path / "pipeline", 0)
-    assert json.loads((pipe / MARKER).read_text())["decoder_steps"] == 2
-    name = "diffusion_pytorch_model.safetensors"
-    before, after = load_file(tmp_path / "vae" / name), load_file(pipe / "vae" / name)
-    same = {k for k in before if before[k].half().equal(after[k])}
-    assert {k for k in before if not k.startswith(("decoder.", "post_quant_conv."))} <= same
-    assert any(k.startswith("decoder.") for k in set(before) - same)
-
-
 def test_kind_targets_name_the_kind_under_each_latent_pixel():
     from loldu_sd.toyworld.pretrain import kind_targets
 

@@ -37,8 +37,6 @@ KIND_HEAD_FILE = "vae_kind_head.safetensors"
 # the generator's kind loss: the kind its one-step x0 estimate names, against the kind the true latent names
 GENERATOR_KIND_WEIGHT = 0.2
 INIT_FILE = "generator_init.json"  # written when the generator starts from an earlier pipeline (--init_from)
-DECODER_DIR = "vae_decoder"  # the autoencoder with its decoder fitted to the generator's latents (--stage decoder)
-DECODER_MAX_T = 400  # the decoder stage noises scenes up to this timestep before the generator cleans them
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -177,47 +175,8 @@ def edge_weights(x: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
     return 1 + gain * (gx + gy).clamp(max=2.0)
 
 
-def finetune_decoder(out: Path, steps: int, batch: int, seed: int) -> None:
-    """Fit the decoder to the generator's soft latents: decode the clean latent the trained EMA UNet predicts from a
-    noised scene (t in 0-400) back to that scene. The encoder stays frozen, so the latent space, and with it the
-    generator and any adapter trained on it, stays exactly as it is (as SD's ft-MSE VAE was made)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(out / "vae").train().requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    unet, text_encoder = _trained_generator(out, seed)
-    tokenizer, scheduler, scale = toy_tokenizer(), train_scheduler(), vae.config.scaling_factor
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    ckpt, log = out / "decoder_state.pt", Log(out / "decoder_loss.jsonl", every=25)
-    start = _load_state(ckpt, {"vae": vae}, opt)
-    for step in range(start, steps):
-        x, captions = scene_batch(random.Random(seed * 1_000_003 + 700_000 + step), batch)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 2e-4, 50)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample() * scale
-            t = torch.randint(0, DECODER_MAX_T, (batch,))
-            noisy = scheduler.add_noise(z, torch.randn_like(z), t)
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
-            z_hat = predicted_x0(scheduler, noisy, unet(noisy, t, text_encoder(ids)[0]).sample, t) / scale
-        rec = vae.decode(z_hat).sample
-        loss = (edge_weights(x) * ((rec - x).abs() + 0.5 * (rec - x) ** 2)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.add(step, loss.item())
-        if (step + 1) % 250 == 0 or step + 1 == steps:
-            _save_state(ckpt, step + 1, {"vae": vae}, opt)
-    vae.eval().save_pretrained(out / DECODER_DIR)
-
-
 def _trained_generator(out: Path, seed: int):
-    """The EMA UNet and the text tower of <out>/generator_state.pt, frozen, for the decoder stage and the export."""
+    """The EMA UNet and the text tower of <out>/generator_state.pt, frozen."""
     state = torch.load(out / "generator_state.pt", weights_only=True)
     unet, text_encoder = build_unet(seed), judge_text_encoder(out / "judges")
     unet.load_state_dict(state["ema_unet"])
@@ -350,8 +309,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: 
 
 # ---- export --------------------------------------------------------------------------------------------------------
 def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
-    """Write the EMA generator with the VAE (its fitted decoder if the decoder stage ran), tokenizer and DPM-Solver++
-    as an fp16 StableDiffusionPipeline folder."""
+    """Write the EMA generator with the VAE, tokenizer and DPM-Solver++ as an fp16 StableDiffusionPipeline folder."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     state = torch.load(out / "generator_state.pt", weights_only=True)
@@ -361,12 +319,8 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
         init = json.loads((out / INIT_FILE).read_text())
         marker["generator_steps"] += init["generator_steps"]
         marker["cycles"] = init.get("cycles", [init["generator_steps"]]) + [state["step"]]
-    vae_dir = out / "vae"
-    if (out / DECODER_DIR).is_dir():  # the decoder stage ran: ship the decoder fitted to this generator
-        vae_dir = out / DECODER_DIR
-        marker["decoder_steps"] = torch.load(out / "decoder_state.pt", weights_only=True)["step"]
     unet, text_encoder = _trained_generator(out, seed)
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder,
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder,
                                    tokenizer=toy_tokenizer(), unet=unet, scheduler=sample_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(dest, safe_serialization=True)
@@ -406,11 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toyworld", help="working folder (checkpoints, loss curves, exports)")
-    p.add_argument("--stage", choices=["vae", "generator", "decoder", "judges", "export", "all"], default="all")
+    p.add_argument("--stage", choices=["vae", "generator", "judges", "export", "all"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--vae_batch", type=int, default=16)
-    p.add_argument("--decoder_steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=5000, help="generator steps")
     p.add_argument("--decay_steps", type=int, default=5000,
                    help="generator steps of cosine decay; the rest run at its final 10 %% learning rate")
@@ -433,8 +386,6 @@ def main(argv: list[str] | None = None) -> None:
         train_judges(out, args.judge_steps, args.seed)
     if args.stage in ("generator", "all"):
         train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps, args.init_from)
-    if args.stage in ("decoder", "all"):
-        finetune_decoder(out, args.decoder_steps, args.vae_batch, args.seed)
     if args.stage in ("export", "all"):
         print(export_pipeline(out, out / "pipeline", args.seed))
         print(plot_losses(out, out / "pretraining_loss.png"))
