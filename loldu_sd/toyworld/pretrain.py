@@ -175,15 +175,6 @@ def edge_weights(x: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
     return 1 + gain * (gx + gy).clamp(max=2.0)
 
 
-def _trained_generator(out: Path, seed: int):
-    """The EMA UNet and the text tower of <out>/generator_state.pt, frozen."""
-    state = torch.load(out / "generator_state.pt", weights_only=True)
-    unet, text_encoder = build_unet(seed), judge_text_encoder(out / "judges")
-    unet.load_state_dict(state["ema_unet"])
-    text_encoder.load_state_dict(state["ema_te"])
-    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
-
-
 # ---- stage 2: the UNet --------------------------------------------------------------------------------------------
 def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, decay_steps: int | None = None,
                     init_from: Path | None = None) -> None:
@@ -213,8 +204,7 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
     if start == 0 and init_weights is not None:
         unet.load_state_dict(init_weights)
         ema_unet.load_state_dict(init_weights)
-        init = {"from": str(init_from), "generator_steps": sum(init_cycles), "cycles": init_cycles}
-        (out / INIT_FILE).write_text(json.dumps(init) + "\n")
+        (out / INIT_FILE).write_text(json.dumps({"from": str(init_from), "cycles": init_cycles}) + "\n")
     for step in range(start, steps):
         rng = random.Random(seed * 1_000_003 + 500_000 + step)
         x, captions = scene_batch(rng, batch)
@@ -312,17 +302,20 @@ def export_pipeline(out: Path, dest: Path, seed: int) -> Path:
     """Write the EMA generator with the VAE, tokenizer and DPM-Solver++ as an fp16 StableDiffusionPipeline folder."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+    tokenizer, unet = toy_tokenizer(), build_unet(seed)
+    text_encoder = judge_text_encoder(out / "judges")
     state = torch.load(out / "generator_state.pt", weights_only=True)
-    marker = {"world": "loldu-sd toy world", "generator_steps": state["step"], "seed": seed,
+    # a later cycle (--init_from) also counts the steps of the cycles before it
+    earlier = json.loads((out / INIT_FILE).read_text())["cycles"] if (out / INIT_FILE).is_file() else []
+    marker = {"world": "loldu-sd toy world", "generator_steps": sum(earlier) + state["step"], "seed": seed,
               "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": INFERENCE_STEPS}
-    if (out / INIT_FILE).is_file():  # a later cycle: count the steps of the pipeline it started from
-        init = json.loads((out / INIT_FILE).read_text())
-        marker["generator_steps"] += init["generator_steps"]
-        marker["cycles"] = init.get("cycles", [init["generator_steps"]]) + [state["step"]]
-    unet, text_encoder = _trained_generator(out, seed)
+    if earlier:
+        marker["cycles"] = earlier + [state["step"]]
+    unet.load_state_dict(state["ema_unet"])
+    text_encoder.load_state_dict(state["ema_te"])
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=text_encoder,
-                                   tokenizer=toy_tokenizer(), unet=unet, scheduler=sample_scheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                                   tokenizer=tokenizer, unet=unet, scheduler=sample_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(dest, safe_serialization=True)
     # fp16 on disk keeps the folder small; the config asks transformers to load it as fp32 (as diffusers does), so a
     # plain from_pretrained gives one dtype throughout
