@@ -1,9 +1,11 @@
 """The toy world's judges: what DINO and CLIP are to Stable Diffusion, trained here on the toy world.
 
   instance encoder   a small CNN trained contrastively to tell *instances* apart: two photos of the same object
-                     (kind, colour, decorations) on other backgrounds, positions and sizes are positives. It sees a
-                     wider world than the generator (up to two decorations, two-tone, checkers, eyes), as DINO saw
-                     more than dogs, but never the held-out concepts themselves. The DINO analogue.
+                     (kind, colour, decorations) on other backgrounds, positions and sizes are positives; an object
+                     that shares some of those attributes is a partial match, graded by how many it shares, so the
+                     shape counts as much as the colour. Views are blurred and their contrast jittered, as DINO's
+                     are. It sees a wider world than the generator (up to two decorations, two-tone, checkers,
+                     eyes), as DINO saw more than dogs, but never the held-out concepts themselves. The DINO analogue.
   image-text model   a CNN image tower and a CLIPTextModel text tower trained with CLIP's contrastive loss on
                      captioned scenes. Its image tower is the CLIP-I analogue, image-text cosine the CLIP-T analogue.
 
@@ -28,6 +30,8 @@ from .world import COLOURS, DECORATIONS, KINDS, RICH_DECORATIONS, Scene, caption
 
 EMBED_DIM = 128
 INSTANCE_FILE, IMAGE_TEXT_FILE = "instance_encoder.safetensors", "image_text.safetensors"
+# the instance encoder's cosine scale, and how sharply its targets fall with each attribute two instances do not share
+INSTANCE_SCALE, INSTANCE_SHARPNESS = 10.0, 9.0
 
 
 class ConvEncoder(nn.Module):
@@ -129,10 +133,54 @@ def sample_instance(rng: random.Random) -> tuple[str, str, tuple[tuple[str, str]
     """An instance from the judges' wider world: up to two decorations of any kind, never a held-out concept."""
     while True:
         kind, colour = rng.choice(KINDS), rng.choice(list(COLOURS))
-        names = rng.sample(DECORATIONS + RICH_DECORATIONS, k=rng.choice((0, 1, 1, 2, 2)))
-        decorations = tuple((n, rng.choice([c for c in COLOURS if c != colour])) for n in names)
-        if not is_held_out(kind, colour, decorations):
+        if not is_held_out(kind, colour, decorations := _decorations(rng, colour)):
             return kind, colour, decorations
+
+
+def _decorations(rng: random.Random, colour: str) -> tuple[tuple[str, str], ...]:
+    names = rng.sample(DECORATIONS + RICH_DECORATIONS, k=rng.choice((0, 1, 1, 2, 2)))
+    return tuple((n, rng.choice([c for c in COLOURS if c != colour])) for n in names)
+
+
+def instance_variants(rng: random.Random) -> list[tuple]:
+    """An instance and three that differ from it in one respect each: the kind, the colour, the decorations."""
+    kind, colour, decorations = base = sample_instance(rng)
+    taken = {colour} | {c for _, c in decorations}
+    changes = [lambda: (rng.choice([k for k in KINDS if k != kind]), colour, decorations),
+               lambda: (kind, rng.choice([c for c in COLOURS if c not in taken]), decorations),
+               lambda: (kind, colour, _decorations(rng, colour))]
+    variants = [base]
+    for change in changes:
+        while (v := change()) == base or is_held_out(*v):
+            pass
+        variants.append(v)
+    return variants
+
+
+def instance_similarity(a: tuple, b: tuple) -> float:
+    """What two instances share, in [0, 1]: the kind, the colour and the decorations count a third each."""
+    da, db = set(a[2]), set(b[2])
+    decorations = 1.0 if da == db else len(da & db) / len(da | db)
+    return ((a[0] == b[0]) + (a[1] == b[1]) + decorations) / 3
+
+
+def graded_targets(objs: list[tuple], sharpness: float) -> torch.Tensor:
+    """Contrastive targets that rank partial matches: row i puts weight exp(sharpness * (similarity - 1)) on j."""
+    sim = torch.tensor([[instance_similarity(a, b) for b in objs] for a in objs])
+    weights = torch.exp(sharpness * (sim - 1))
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def photo_jitter(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """Blur half the images (generated images are soft) and scale each one's contrast and brightness a little."""
+    from .pretrain import gaussian_blur
+
+    out = []
+    for im in x:
+        if rng.random() < 0.5:
+            im = gaussian_blur(im[None], rng.uniform(0.5, 1.2))[0]
+        out.append((im * rng.uniform(0.8, 1.1) + rng.uniform(-0.1, 0.1)).clamp(-1, 1))
+    return torch.stack(out)
 
 
 def _soft_targets(rows: list, cols: list) -> torch.Tensor:
@@ -174,8 +222,10 @@ def _train_loop(model: nn.Module, steps: int, loss_fn, log_path: Path, lr: float
 def train_judges(out: Path, steps: int, seed: int, batch: int = 48) -> Judges:
     """Train each judge whose weights are not in <out>/judges yet, then load both.
 
-    Instance encoder: `batch` objects x 2 views. Image-text model: 2 x `batch` captioned scenes, each with a
-    kind-swapped caption as a hard negative (colour and background words are easy; the shape word is not).
+    Instance encoder: `batch` objects x 2 views, in fours: an instance and three variants that differ from it in the
+    kind, the colour or the decorations, so that every batch holds partial matches. Image-text model: 2 x `batch`
+    captioned scenes, each with a kind-swapped caption as a hard negative (colour and background words are easy; the
+    shape word is not).
     """
     tokenizer, folder = toy_tokenizer(), out / "judges"
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,15 +235,18 @@ def train_judges(out: Path, steps: int, seed: int, batch: int = 48) -> Judges:
 
         def instance_loss(step: int) -> torch.Tensor:
             rng = random.Random(seed * 1_000_003 + 900_000 + step)
-            objs = [sample_instance(rng) for _ in range(batch)]
+            objs = [v for _ in range(batch // 4) for v in instance_variants(rng)]
             views = [render(sample_scene(rng, obj=o)) for o in objs for _ in range(2)]
-            z = instance(to_tensor(views)).view(batch, 2, -1)
-            keys = [repr(o) for o in objs]
-            return _contrastive(z[:, 0], z[:, 1], keys, 10.0)
+            z = instance(photo_jitter(to_tensor(views), rng)).view(len(objs), 2, -1)
+            logits = INSTANCE_SCALE * F.normalize(z[:, 0], dim=-1) @ F.normalize(z[:, 1], dim=-1).T
+            targets = graded_targets(objs, INSTANCE_SHARPNESS)
+            return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
         _train_loop(instance, steps, instance_loss, out / "judge_instance_loss.jsonl")
         _save(instance, folder / INSTANCE_FILE)
-        _record(folder, "instance_encoder", steps=steps, seed=seed, batch=batch)
+        _record(folder, "instance_encoder", steps=steps, seed=seed, batch=batch,
+                targets=f"graded by shared kind, colour and decorations (sharpness {INSTANCE_SHARPNESS})",
+                augment="blur, contrast and brightness")
     if not (folder / IMAGE_TEXT_FILE).is_file():
         torch.manual_seed(seed + 1)
         image_text = new_image_text(tokenizer)

@@ -117,7 +117,7 @@ def train_vae(out: Path, steps: int, batch: int, seed: int) -> None:
         blurred = torch.rand(batch) < 0.5
         z_dec = z.clone()
         if blurred.any():
-            z_dec[blurred] = blur_latents(z[blurred], rng.uniform(0.5, 1.0))
+            z_dec[blurred] = gaussian_blur(z[blurred], rng.uniform(0.5, 1.0))
         rec = vae.decode(z_dec).sample
         # edge weights: with a plain mean loss the wide backgrounds drown the shapes (25 dB, stars drawn as blobs
         # after 1,400 steps); weighted, stars, triangles and crosses keep their outline by 1,250 steps (26.3 dB).
@@ -150,8 +150,8 @@ def kind_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (weights * -(targets * F.log_softmax(logits, 1)).sum(1)).mean() / weights.mean()
 
 
-def blur_latents(z: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A separable 5-tap Gaussian blur of each latent channel (replicated edges): a soft latent, as generators make."""
+def gaussian_blur(z: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A separable 5-tap Gaussian blur of each channel (replicated edges): soft latents or images."""
     taps = torch.exp(-torch.arange(-2, 3, dtype=z.dtype) ** 2 / (2 * sigma ** 2))
     taps, c = taps / taps.sum(), z.shape[1]
     z = F.conv2d(F.pad(z, (2, 2, 0, 0), mode="replicate"), taps.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
