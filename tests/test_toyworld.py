@@ -109,7 +109,7 @@ def test_instance_judge_tells_each_concept_from_the_others(judges):
         own = (e @ e.T)[~torch.eye(len(e), dtype=torch.bool)].mean()
         for other, f in embs.items():
             if other != name:
-                assert own > (e @ f.T).mean() + 0.15, (name, other)  # the closest pair, checker-eye: 0.19
+                assert own > (e @ f.T).mean() + 0.3, (name, other)  # the closest pair, star-disc: 0.46
 
 
 def test_instance_judge_ranks_partial_matches_between_the_concept_and_strangers(judges):
