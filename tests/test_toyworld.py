@@ -265,6 +265,36 @@ def test_later_cycles_start_from_a_pipelines_unet_and_count_every_cycles_steps(t
     with pytest.raises(FileNotFoundError, match="--init_from"):
         train_generator(tmp_path / "fresh", steps=1, batch=2, seed=0, lr=1e-3, init_from=tmp_path / "nothing")
 
+def test_kind_weight_flag_sets_the_weight_of_the_generators_kind_loss(tmp_path):
+    import shutil
+
+    import torch
+
+    from loldu_sd.toyworld import JUDGES_DIR
+    from loldu_sd.toyworld.pretrain import KIND_HEAD_FILE, main, train_generator, train_vae
+
+    (tmp_path / "vae_run").mkdir()
+    train_vae(tmp_path / "vae_run", steps=1, batch=2, seed=0)
+
+    def run_folder(name: str):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "vae_run" / "vae", run / "vae")
+        shutil.copytree(JUDGES_DIR, run / "judges")
+        shutil.copy(tmp_path / "vae_run" / KIND_HEAD_FILE, run / KIND_HEAD_FILE)
+        return run
+
+    def unet_of(run) -> dict:
+        return torch.load(run / "generator_state.pt", weights_only=True)["unet"]
+
+    main(["--out", str(run_folder("flag")), "--stage", "generator", "--steps", "1", "--batch", "2",
+          "--kind_weight", "0"])
+    train_generator(run_folder("zero"), steps=1, batch=2, seed=0, lr=8e-4, kind_weight=0.0)
+    train_generator(run_folder("strong"), steps=1, batch=2, seed=0, lr=8e-4, kind_weight=5.0)
+    flag, zero, strong = (unet_of(tmp_path / n) for n in ("flag", "zero", "strong"))
+    assert all(torch.equal(flag[k], zero[k]) for k in zero)
+    assert any(not torch.equal(zero[k], strong[k]) for k in zero)
+
+
 def test_kind_targets_name_the_kind_under_each_latent_pixel():
     from loldu_sd.toyworld.pretrain import kind_targets
 

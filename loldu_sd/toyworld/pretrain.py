@@ -177,7 +177,7 @@ def edge_weights(x: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
 
 # ---- stage 2: the UNet --------------------------------------------------------------------------------------------
 def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, decay_steps: int | None = None,
-                    init_from: Path | None = None) -> None:
+                    init_from: Path | None = None, kind_weight: float = GENERATOR_KIND_WEIGHT) -> None:
     """Train the UNet on captioned scenes under the frozen text tower of the image-text judge; keep an EMA copy.
 
     As SD conditions on CLIP's contrastively trained text tower, kept frozen: the judge's tower (trained on captions
@@ -221,7 +221,7 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
         loss = object_weighted_mse(pred, scheduler.get_velocity(latents, noise, t), x)
         if kind_head is not None:
             x0 = predicted_x0(scheduler, noisy, pred, t) / vae.config.scaling_factor
-            loss = loss + GENERATOR_KIND_WEIGHT * kind_agreement(kind_head, x0, latents / vae.config.scaling_factor)
+            loss = loss + kind_weight * kind_agreement(kind_head, x0, latents / vae.config.scaling_factor)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, decay_steps or steps, lr, 300)
         opt.zero_grad(set_to_none=True)
@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--init_from", default=None,
                    help="pipeline folder whose UNet a fresh generator stage starts from (a second schedule cycle)")
+    p.add_argument("--kind_weight", type=float, default=GENERATOR_KIND_WEIGHT,
+                   help="weight of the generator's kind loss (its x0 estimate read by the autoencoder's kind head)")
     p.add_argument("--judge_steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
 
         train_judges(out, args.judge_steps, args.seed)
     if args.stage in ("generator", "all"):
-        train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps, args.init_from)
+        train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps, args.init_from,
+                        args.kind_weight)
     if args.stage in ("export", "all"):
         print(export_pipeline(out, out / "pipeline", args.seed))
         print(plot_losses(out, out / "pretraining_loss.png"))
