@@ -265,6 +265,7 @@ def test_later_cycles_start_from_a_pipelines_unet_and_count_every_cycles_steps(t
     with pytest.raises(FileNotFoundError, match="--init_from"):
         train_generator(tmp_path / "fresh", steps=1, batch=2, seed=0, lr=1e-3, init_from=tmp_path / "nothing")
 
+
 def test_kind_weight_flag_sets_the_weight_of_the_generators_kind_loss(tmp_path):
     import shutil
 
@@ -286,10 +287,15 @@ def test_kind_weight_flag_sets_the_weight_of_the_generators_kind_loss(tmp_path):
     def unet_of(run) -> dict:
         return torch.load(run / "generator_state.pt", weights_only=True)["unet"]
 
-    main(["--out", str(run_folder("flag")), "--stage", "generator", "--steps", "1", "--batch", "2",
-          "--kind_weight", "0"])
-    train_generator(run_folder("zero"), steps=1, batch=2, seed=0, lr=8e-4, kind_weight=0.0)
-    train_generator(run_folder("strong"), steps=1, batch=2, seed=0, lr=8e-4, kind_weight=5.0)
+    threads = torch.get_num_threads()
+    try:  # all three under the process-wide settings main makes (threads, flushed denormals)
+        main(["--out", str(run_folder("flag")), "--stage", "generator", "--steps", "1", "--batch", "2",
+              "--kind_weight", "0"])
+        train_generator(run_folder("zero"), steps=1, batch=2, seed=0, lr=8e-4, kind_weight=0.0)
+        train_generator(run_folder("strong"), steps=1, batch=2, seed=0, lr=8e-4, kind_weight=5.0)
+    finally:  # later tests keep their own settings
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     flag, zero, strong = (unet_of(tmp_path / n) for n in ("flag", "zero", "strong"))
     assert all(torch.equal(flag[k], zero[k]) for k in zero)
     assert any(not torch.equal(zero[k], strong[k]) for k in zero)
