@@ -58,17 +58,19 @@ def run_sanity(args: argparse.Namespace) -> dict:
     from loldu_sd.toyworld.judges import load_judges
 
     from .scorer import markdown_table, write_json
-    from .toyworld import (ACCURACY_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS, attribute_accuracy, sample_grid,
-                           sanity_rows, toyworld_scorer)
+    from .toyworld import (ACCURACY_COLUMNS, KIND_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS, attribute_accuracy,
+                           sample_grid, sanity_rows, toyworld_scorer)
 
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     rows = sanity_rows(toyworld_scorer(args.judges), pipe, args.samples, args.seed)
     print("Judges' sanity table (cosine; * = toy-world judge):\n")
     print(markdown_table(rows, SANITY_COLUMNS, SANITY_HEADERS))
-    accuracy = attribute_accuracy(pipe, load_judges(args.judges), args.probe_prompts, args.seed)
+    accuracy, per_kind = attribute_accuracy(pipe, load_judges(args.judges), args.probe_prompts, args.seed)
     print("\nAttribute accuracy (zero-shot image-text judge; 'rendered' = the probe on true renders):\n")
     print(markdown_table(accuracy, ACCURACY_COLUMNS))
-    result = {"sanity": rows, "attribute_accuracy": accuracy}
+    print("\nKind accuracy per prompted kind (seen and held-out pairs pooled):\n")
+    print(markdown_table(per_kind, KIND_COLUMNS))
+    result = {"sanity": rows, "attribute_accuracy": accuracy, "kind_accuracy": per_kind}
     grid = Path(args.out) / "samples.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(pipe).save(grid)

@@ -10,6 +10,7 @@ differ only in that attribute; the same probe on rendered scenes says how far th
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -93,19 +94,29 @@ def prompt_of(kind: str, colour: str, bg: str) -> str:
 
 
 @torch.no_grad()
-def attribute_hits(judges, images, triples) -> dict[str, list[bool]]:
-    """Zero-shot: for each image, is the best-matching caption's kind / colour / background the prompted one?"""
+def attribute_answers(judges, images, triples) -> dict[str, list[tuple[str, str, str]]]:
+    """Zero-shot: for each image and attribute, the best-matching caption among those differing only in it."""
     emb = judges.embed_images(images)
-    hits = {"kind": [], "colour": [], "background": []}
+    answers = {"kind": [], "colour": [], "background": []}
     options = [{"kind": [(k, colour, bg) for k in KINDS], "colour": [(kind, c, bg) for c in COLOURS if c != bg],
                 "background": [(kind, colour, b) for b in COLOURS if b != colour]} for kind, colour, bg in triples]
     captions = sorted({c for o in options for cands in o.values() for c in cands})
     text = dict(zip(captions, judges.embed_texts([prompt_of(*c) for c in captions])))  # each caption encoded once
-    for e, triple, opts in zip(emb, triples, options):
+    for e, opts in zip(emb, options):
         for attr, cands in opts.items():
             sims = torch.stack([text[c] for c in cands]) @ e
-            hits[attr].append(cands[int(sims.argmax())] == triple)
-    return hits
+            answers[attr].append(cands[int(sims.argmax())])
+    return answers
+
+
+def attribute_hits(judges, images, triples) -> dict[str, list[bool]]:
+    """Zero-shot: for each image, is the best-matching caption's kind / colour / background the prompted one?"""
+    return hits_of(attribute_answers(judges, images, triples), triples)
+
+
+def hits_of(answers: dict[str, list[tuple]], triples) -> dict[str, list[bool]]:
+    """Per attribute, whether each answer is the prompted triple."""
+    return {attr: [a == t for a, t in zip(chosen, triples)] for attr, chosen in answers.items()}
 
 
 def rendered(triples, seed: int = 0) -> list:
@@ -115,22 +126,40 @@ def rendered(triples, seed: int = 0) -> list:
             for k, c, b in triples]
 
 
-def attribute_accuracy(pipe, judges, n: int = 48, seed: int = 0) -> list[dict]:
-    """Rows: (source, pairs) -> fraction right for kind, colour, background, and all three."""
-    rows = []
+def attribute_accuracy(pipe, judges, n: int = 48, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Rows (source, pairs) -> fraction right for kind, colour, background and all three; and per-kind rows."""
+    rows, kind_answers = [], {"rendered": [], "base model": []}
     for held_out in (False, True):
         triples = probe_prompts(held_out, n, seed)
         for source in ("rendered", "base model"):
             images = rendered(triples, seed) if source == "rendered" else generate(
                 pipe, [prompt_of(*t) for t in triples], seed)
-            hits = attribute_hits(judges, images, triples)
+            answers = attribute_answers(judges, images, triples)
+            hits = hits_of(answers, triples)
             all3 = [all(h) for h in zip(*hits.values())]
             rows.append({"images": source, "pairs": "held-out" if held_out else "seen", "n": n,
                          **{k: sum(v) / n for k, v in hits.items()}, "all": sum(all3) / n})
+            kind_answers[source] += [(t[0], a[0]) for t, a in zip(triples, answers["kind"])]
+    return rows, kind_rows(kind_answers)
+
+
+def kind_rows(kind_answers: dict[str, list[tuple[str, str]]]) -> list[dict]:
+    """Per prompted kind (seen and held-out pairs pooled): how often each source shows it, and the base's confusion."""
+    rows = []
+    for kind in KINDS:
+        by_source = {src: [judged for prompted, judged in pairs if prompted == kind]
+                     for src, pairs in kind_answers.items()}
+        base = by_source["base model"]
+        wrong = Counter(j for j in base if j != kind)
+        mistaken = ", ".join(f"{k} {c}" for k, c in wrong.most_common(2))
+        rows.append({"kind": kind, "n": len(base),
+                     **{src: sum(j == kind for j in judged) / max(len(judged), 1) for src, judged in by_source.items()},
+                     "base model's wrong answers": mistaken or "-"})
     return rows
 
 
 ACCURACY_COLUMNS = ["images", "pairs", "n", "kind", "colour", "background", "all"]
+KIND_COLUMNS = ["kind", "n", "rendered", "base model", "base model's wrong answers"]
 GRID_PROMPTS = ("a photo of a red star on a blue background", "a photo of a large yellow heart on a green background",
                 "a photo of a small blue square in the top left corner on a white background",
                 "a photo of two black circles on an orange background",

@@ -183,6 +183,19 @@ def test_image_text_judge_reads_kind_colour_and_background_of_renders(judges):
     assert sum(hits["colour"]) >= 23 and sum(hits["background"]) >= 23 and sum(hits["kind"]) >= 19, hits
 
 
+def test_kind_rows_count_each_prompted_kind_and_name_the_base_models_confusions():
+    from eval.toyworld import kind_rows
+
+    answers = {"rendered": [("star", "star"), ("star", "star"), ("ring", "ring")],
+               "base model": [("star", "cross"), ("star", "star"), ("ring", "circle")]}
+    rows = {r["kind"]: r for r in kind_rows(answers)}
+    assert set(rows) == set(W.KINDS)
+    assert rows["star"]["n"] == 2 and rows["star"]["rendered"] == 1.0 and rows["star"]["base model"] == 0.5
+    assert rows["star"]["base model's wrong answers"] == "cross 1"
+    assert rows["ring"]["base model"] == 0.0 and rows["ring"]["base model's wrong answers"] == "circle 1"
+    assert rows["heart"]["n"] == 0 and rows["heart"]["base model's wrong answers"] == "-"
+
+
 def test_eval_score_runs_on_the_toyworld_backbones(tmp_path):
     import json
     from pathlib import Path
@@ -402,3 +415,19 @@ def test_committed_pipeline_loads_offline_small_and_draws_what_it_is_told(judges
                                                  triples).items()}
     # chance: 2 of 16 for each attribute; measured 15, 14 and 7 (docs/toyworld.md), less room for other CPUs' rounding
     assert hits["background"] >= 13 and hits["colour"] >= 12 and hits["kind"] >= 6, hits
+
+
+@pytest.mark.slow
+def test_eval_sanity_writes_the_judges_table_attribute_and_per_kind_accuracy(tmp_path):
+    import json
+
+    from eval.__main__ import main
+
+    assert main(["sanity", "--samples", "1", "--probe_prompts", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sanity.json").read_text())
+    assert [r["concept"] for r in result["sanity"]] == list(C.CONCEPTS)
+    assert [(r["images"], r["pairs"]) for r in result["attribute_accuracy"]] == [
+        ("rendered", "seen"), ("base model", "seen"), ("rendered", "held-out"), ("base model", "held-out")]
+    assert [r["kind"] for r in result["kind_accuracy"]] == list(W.KINDS)
+    assert sum(r["n"] for r in result["kind_accuracy"]) == 8  # 4 seen and 4 held-out prompts
+    assert (tmp_path / "samples.png").is_file()
