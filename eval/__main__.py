@@ -58,19 +58,23 @@ def run_sanity(args: argparse.Namespace) -> dict:
     from loldu_sd.toyworld.judges import load_judges
 
     from .scorer import markdown_table, write_json
-    from .toyworld import (ACCURACY_COLUMNS, KIND_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS, attribute_accuracy,
-                           sample_grid, sanity_rows, toyworld_scorer)
+    from .toyworld import (ACCURACY_COLUMNS, EYE_COLUMNS, KIND_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS,
+                           attribute_accuracy, eye_label_agreement, sample_grid, sanity_rows, toyworld_scorer)
 
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     rows = sanity_rows(toyworld_scorer(args.judges), pipe, args.samples, args.seed)
     print("Judges' sanity table (cosine; * = toy-world judge):\n")
     print(markdown_table(rows, SANITY_COLUMNS, SANITY_HEADERS))
-    accuracy, per_kind = attribute_accuracy(pipe, load_judges(args.judges), args.probe_prompts, args.seed)
+    judges = load_judges(args.judges)
+    accuracy, per_kind = attribute_accuracy(pipe, judges, args.probe_prompts, args.seed)
     print("\nAttribute accuracy (zero-shot image-text judge; 'rendered' = the probe on true renders):\n")
     print(markdown_table(accuracy, ACCURACY_COLUMNS))
     print("\nKind accuracy per prompted kind (seen and held-out pairs pooled):\n")
     print(markdown_table(per_kind, KIND_COLUMNS))
-    result = {"sanity": rows, "attribute_accuracy": accuracy, "kind_accuracy": per_kind}
+    eye = eye_label_agreement(judges)
+    print("\nThe kind probe against a person's labels of the committed pipeline's samples (labelled blind):\n")
+    print(markdown_table([eye], EYE_COLUMNS))
+    result = {"sanity": rows, "attribute_accuracy": accuracy, "kind_accuracy": per_kind, "eye_labels": eye}
     grid = Path(args.out) / "samples.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(pipe).save(grid)

@@ -9,19 +9,22 @@ differ only in that attribute; the same probe on rendered scenes says how far th
 """
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from loldu_sd.toyworld import CONCEPTS_DIR, GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
+from loldu_sd.toyworld import ASSETS_DIR, CONCEPTS_DIR, GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
 from loldu_sd.toyworld.concepts import CONCEPTS
 from loldu_sd.toyworld.world import COLOURS, HELD_OUT_PAIRS, KINDS, Scene, Thing, render
 
 from .scorer import Scorer, load_images
 
 TOYWORLD = "toyworld"
+# generated images with the kind a person saw in each, labelled without seeing the prompts (docs/toyworld.md)
+EYE_LABELS_DIR = ASSETS_DIR / "eye_labels"
 
 
 def toyworld_scorer(judges_dir: str | Path = JUDGES_DIR, **kwargs) -> Scorer:
@@ -158,7 +161,26 @@ def kind_rows(kind_answers: dict[str, list[tuple[str, str]]]) -> list[dict]:
     return rows
 
 
+def eye_label_agreement(judges, folder: str | Path = EYE_LABELS_DIR) -> dict:
+    """The kind probe on generated images that a person labelled: how often judge, eye and prompt agree."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rows = json.loads((folder / "labels.json").read_text())
+    images = []
+    for r in rows:
+        with Image.open(folder / r["image"]) as im:
+            images.append(im.convert("RGB"))
+    triples = [(r["kind"], r["colour"], r["background"]) for r in rows]
+    judged = [a[0] for a in attribute_answers(judges, images, triples)["kind"]]
+    n = len(rows)
+    return {"n": n, "eye = prompt": sum(r["kind_by_eye"] == r["kind"] for r in rows) / n,
+            "judge = eye": sum(j == r["kind_by_eye"] for j, r in zip(judged, rows)) / n,
+            "judge = prompt": sum(j == r["kind"] for j, r in zip(judged, rows)) / n}
+
+
 ACCURACY_COLUMNS = ["images", "pairs", "n", "kind", "colour", "background", "all"]
+EYE_COLUMNS = ["n", "eye = prompt", "judge = eye", "judge = prompt"]
 KIND_COLUMNS = ["kind", "n", "rendered", "base model", "base model's wrong answers"]
 GRID_PROMPTS = ("a photo of a red star on a blue background", "a photo of a large yellow heart on a green background",
                 "a photo of a small blue square in the top left corner on a white background",

@@ -175,6 +175,44 @@ def test_judges_stage_trains_the_instance_encoder_on_graded_blurred_views(tmp_pa
     assert embeddings.shape == (5, 128) and embeddings.isfinite().all()
 
 
+def test_image_tower_fine_tune_keeps_the_text_tower_the_generator_conditions_on(tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from loldu_sd.toyworld import JUDGES_DIR
+    from loldu_sd.toyworld.judges import IMAGE_TEXT_FILE, INSTANCE_FILE, train_judges
+
+    (tmp_path / "judges").mkdir()
+    for name in (IMAGE_TEXT_FILE, INSTANCE_FILE):
+        shutil.copy(JUDGES_DIR / name, tmp_path / "judges")
+    record = {k: v for k, v in json.loads((JUDGES_DIR / "training.json").read_text()).items() if k != "image_tower"}
+    (tmp_path / "judges" / "training.json").write_text(json.dumps(record))
+    train_judges(tmp_path, steps=2, seed=0, batch=4, image_tower_steps=2)
+    before, after = load_file(JUDGES_DIR / IMAGE_TEXT_FILE), load_file(tmp_path / "judges" / IMAGE_TEXT_FILE)
+    frozen = [k for k in before if not k.startswith("image.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # the generator's text tower, bit for bit
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("image."))
+    record = json.loads((tmp_path / "judges" / "training.json").read_text())
+    assert record["image_tower"]["steps"] == 2 and record["image_tower"]["text_tower"] == "frozen"
+    tuned = (tmp_path / "judges" / IMAGE_TEXT_FILE).read_bytes()
+    train_judges(tmp_path, steps=2, seed=0, batch=4, image_tower_steps=2)  # recorded: not fine-tuned twice
+    assert (tmp_path / "judges" / IMAGE_TEXT_FILE).read_bytes() == tuned
+
+
+def test_generated_look_is_seeded_bounded_and_keeps_the_image_recognisable():
+    import torch
+
+    from loldu_sd.toyworld.judges import generated_look, to_tensor
+
+    x = to_tensor([W.render(W.sample_scene(random.Random(i))) for i in range(8)])
+    a, b = generated_look(x, random.Random(3)), generated_look(x, random.Random(3))
+    assert torch.equal(a, b) and a.shape == x.shape and a.abs().max() <= 1
+    assert not torch.equal(a, x) and (a - x).abs().mean() < 0.2
+
+
 def test_image_text_judge_reads_kind_colour_and_background_of_renders(judges):
     from eval.toyworld import attribute_hits, probe_prompts, rendered
 
@@ -194,6 +232,15 @@ def test_kind_rows_count_each_prompted_kind_and_name_the_base_models_confusions(
     assert rows["star"]["base model's wrong answers"] == "cross 1"
     assert rows["ring"]["base model"] == 0.0 and rows["ring"]["base model's wrong answers"] == "circle 1"
     assert rows["heart"]["n"] == 0 and rows["heart"]["base model's wrong answers"] == "-"
+
+
+def test_kind_probe_agrees_with_a_persons_labels_of_generated_images(judges):
+    from eval.toyworld import eye_label_agreement
+
+    agreement = eye_label_agreement(judges)
+    assert agreement["n"] == 96 and agreement["eye = prompt"] == 1.0  # the labels as recorded (docs/toyworld.md)
+    # measured 0.625 (60 of 96); the judge before its image tower's fine-tune: 0.573 (55)
+    assert agreement["judge = eye"] >= 0.6, agreement
 
 
 def test_eval_score_runs_on_the_toyworld_backbones(tmp_path):
@@ -430,4 +477,4 @@ def test_eval_sanity_writes_the_judges_table_attribute_and_per_kind_accuracy(tmp
         ("rendered", "seen"), ("base model", "seen"), ("rendered", "held-out"), ("base model", "held-out")]
     assert [r["kind"] for r in result["kind_accuracy"]] == list(W.KINDS)
     assert sum(r["n"] for r in result["kind_accuracy"]) == 8  # 4 seen and 4 held-out prompts
-    assert (tmp_path / "samples.png").is_file()
+    assert result["eye_labels"]["n"] == 96 and (tmp_path / "samples.png").is_file()

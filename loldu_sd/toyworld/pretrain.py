@@ -36,6 +36,7 @@ KIND_WEIGHT = 0.3
 KIND_HEAD_FILE = "vae_kind_head.safetensors"
 # the generator's kind loss: the kind its one-step x0 estimate names, against the kind the true latent names
 GENERATOR_KIND_WEIGHT = 0.2
+IMAGE_TOWER_STEPS = 1500  # the image-text judge's soft-view fine-tune (judges.train_image_tower)
 INIT_FILE = "generator_init.json"  # written when the generator starts from an earlier pipeline (--init_from)
 
 
@@ -367,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kind_weight", type=float, default=GENERATOR_KIND_WEIGHT,
                    help="weight of the generator's kind loss (its x0 estimate read by the autoencoder's kind head)")
     p.add_argument("--judge_steps", type=int, default=1500)
+    p.add_argument("--image_tower_steps", type=int, default=IMAGE_TOWER_STEPS,
+                   help="then fine-tune the image-text judge's image tower on soft views (text tower frozen), once")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("judges", "all"):  # the generator conditions on the image-text judge's text tower
         from .judges import train_judges
 
-        train_judges(out, args.judge_steps, args.seed)
+        train_judges(out, args.judge_steps, args.seed, image_tower_steps=args.image_tower_steps)
     if args.stage in ("generator", "all"):
         train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps, args.init_from,
                         args.kind_weight)
