@@ -258,7 +258,7 @@ def train_judges(out: Path, steps: int, seed: int, batch: int = 48, image_tower_
         _train_loop(image_text, steps, image_text_loss, out / "judge_image_text_loss.jsonl")
         _save(image_text, folder / IMAGE_TEXT_FILE)
         _record(folder, "image_text", steps=steps, seed=seed, batch=2 * batch, hard_negatives="kind-swapped captions")
-    if image_tower_steps and "image_tower" not in json.loads((folder / "training.json").read_text()):
+    if image_tower_steps and "image_tower" not in _records(folder):
         train_image_tower(out, image_tower_steps, seed, batch)
     return load_judges(folder)
 
@@ -314,7 +314,12 @@ def train_image_tower(out: Path, steps: int, seed: int, batch: int = 48) -> None
 
 def _record(folder: Path, judge: str, **settings) -> None:
     """Add one judge's training settings to <folder>/training.json (each judge is trained once, on its own)."""
-    path = folder / "training.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = _records(folder)
     record[judge] = settings
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    (folder / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _records(folder: Path) -> dict:
+    """<folder>/training.json: each judge's (and the image tower's) training settings; empty if none yet."""
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
