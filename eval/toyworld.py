@@ -163,14 +163,14 @@ def kind_rows(kind_answers: dict[str, list[tuple[str, str]]]) -> list[dict]:
 
 def eye_label_agreement(judges, folder: str | Path = EYE_LABELS_DIR) -> dict:
     """The kind probe on generated images that a person labelled: how often judge, eye and prompt agree."""
-    from PIL import Image
-
     folder = Path(folder)
     rows = json.loads((folder / "labels.json").read_text())
-    images = []
-    for r in rows:
-        with Image.open(folder / r["image"]) as im:
-            images.append(im.convert("RGB"))
+    images, paths = load_images(folder)
+    by_name = dict(zip((p.name for p in paths), images))
+    missing = [r["image"] for r in rows if r["image"] not in by_name]
+    if missing:
+        raise FileNotFoundError(f"labelled images missing or unreadable in {folder}: {', '.join(missing[:5])}")
+    images = [by_name[r["image"]] for r in rows]
     triples = [(r["kind"], r["colour"], r["background"]) for r in rows]
     judged = [a[0] for a in attribute_answers(judges, images, triples)["kind"]]
     n = len(rows)
