@@ -222,6 +222,22 @@ def test_version_1_file_on_a_copy_that_pivots_differently_asks_to_re_save():
     assert_unchanged(net, snap)
 
 
+V2_FILES = {dtype: Path(__file__).parent / "data" / f"adapter_v2_{tag}.safetensors"  # written by loldu-sd 56878fb
+            for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))}
+
+
+@pytest.mark.parametrize("made", list(V2_FILES))
+def test_version_2_file_loads_as_it_did(made):
+    for dtype in (made, torch.float32):  # on the copy it was made on, and on fp32
+        net = near_tie_net(dtype)
+        loaded = load_loldu(V2_FILES[made], net)
+        extra = loaded.extra_tensors
+        if dtype == made:  # the same base copy: the update and the output the writing version gave
+            for i in (0, 2):
+                torch.testing.assert_close(net[i].delta_weight(), extra[f"delta_{i}"], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(net(extra["x"].to(dtype)).float(), extra["y"], rtol=1e-6, atol=1e-6)
+
+
 def test_file_is_kilobytes_with_documented_metadata(tmp_path):
     net = torch.nn.Sequential(*(torch.nn.Linear(48, 40) for _ in range(20)))
     cfg = LoLDUConfig(rank=32, target_modules=r"\d+")
