@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from loldu_sd.images import to_rgb
+
 from .prompts import dreambooth_prompts, is_live, subject_class
 from .scorer import load_images, markdown_table, write_csv, write_json
 
@@ -115,7 +117,7 @@ def image_grid(reference: list[Image.Image], rows: list[list[Image.Image]], labe
         y = r * (cell + band)
         draw.text((2, y + 1), label, fill="black")
         for c, im in enumerate(row):
-            grid.paste(ImageOps.fit(im.convert("RGB"), (cell, cell), Image.Resampling.BICUBIC), (c * cell, y + band))
+            grid.paste(ImageOps.fit(to_rgb(im), (cell, cell), Image.Resampling.BICUBIC), (c * cell, y + band))
     return grid
 
 

@@ -23,12 +23,11 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from loldu_sd.images import to_rgb
+from loldu_sd.images import IMAGE_EXTENSIONS, ImageReadError, read_folder, to_rgb
 
 from .metrics import pairwise_similarity, resolve_variant, text_image_similarity
 from .prompts import clip_t_prompt
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DINO_MODELS = {"dino_vits16": "vit_small_patch16_224.dino"}  # short name -> timm name
 RANDOM_TINY = "random-tiny"
@@ -42,23 +41,17 @@ class BackboneUnavailableError(RuntimeError):
 
 
 def load_images(directory: str | Path) -> tuple[list[Image.Image], list[Path]]:
-    """RGB images of a folder in sorted filename order, with their paths; unreadable image files are skipped."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"image folder {d} does not exist or is not a folder")
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    images, paths = [], []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                images.append(to_rgb(im))
-            paths.append(p)
-        except Exception as e:  # any decoder failure means "unreadable": skip it, say so
-            warnings.warn(f"skipping unreadable image {p}: {type(e).__name__}: {e}", stacklevel=2)
-    if not images:
-        what = f"{len(files)} image file(s), none readable" if files else "no image files"
-        raise ValueError(f"no readable image in {d} ({what}; extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return images, paths
+    """RGB images of a folder in sorted filename order, with their paths (loldu_sd.images.read_folder).
+
+    Files with other extensions are ignored; unreadable image files are skipped with a warning naming each.
+    """
+    try:
+        found, notes = read_folder(directory, IMAGE_EXTENSIONS)
+    except ImageReadError as e:
+        raise ValueError(f"image folder {e} (extensions {', '.join(IMAGE_EXTENSIONS)})") from None
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return [im for _, im in found], [p for p, _ in found]
 
 
 def dino_transform(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -202,7 +195,7 @@ class Scorer:
 
         out = []
         for i in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=not self.progress, leave=False):
-            x = torch.stack([transform(im.convert("RGB")) for im in images[i:i + self.batch_size]])
+            x = torch.stack([transform(to_rgb(im)) for im in images[i:i + self.batch_size]])
             out.append(encode(x.to(self.device)).float().cpu())
         return torch.cat(out)
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from eval.glue import fit, predict, require_datasets, score
+from loldu_sd.images import to_rgb
 from loldu_sd.transformers import add_loldu_to_transformer, save_transformer_adapter
 
 TABLE_IX = dict(model="google/vit-base-patch16-224-in21k", lr=3e-3, batch_size=128, epochs=10, bf16=True,
@@ -48,7 +50,7 @@ def load_images(name: str, hub_id: str | None = None, image_column: str | None =
 def to_pixels(image, size: int, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
     """PIL image, HWC uint8 array or CHW float tensor in [0, 1] -> normalised (3, size, size) float tensor."""
     if not isinstance(image, torch.Tensor):
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        array = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image)
         image = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
     if image.shape[-2:] != (size, size):
         image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]

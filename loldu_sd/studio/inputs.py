@@ -1,9 +1,7 @@
 """What users type and upload: limits, the one-line StudioError, names, images, the Train/Generate/Compare requests."""
 from __future__ import annotations
 
-import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ..images import to_rgb
+from ..images import IMAGE_FORMATS, ImageReadError, read_image  # noqa: F401  (IMAGE_FORMATS: re-exported)
 
 if TYPE_CHECKING:  # type hints only: library.py imports this module
     from .library import AdapterLibrary
@@ -19,7 +17,6 @@ if TYPE_CHECKING:  # type hints only: library.py imports this module
 MAX_IMAGE_BYTES = 20 * 2**20
 MIN_IMAGES, MAX_IMAGES = 3, 10
 MAX_ADAPTER_BYTES = 20 * 2**20  # LoLDU files are kilobytes; anything this big is not one
-IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]  # never EPS/PDF: PIL shells out to Ghostscript for those
 NAME_MAX = 64
 MAX_MIX = 3  # adapter slots in the Generate tab
 MAX_COMPARE = 8  # library concepts rendered side by side in one batch by the Compare tab
@@ -97,30 +94,16 @@ def _display(path: str | Path) -> str:
 
 def load_images(paths: Sequence[str | Path], minimum: int = MIN_IMAGES, maximum: int = MAX_IMAGES
                 ) -> list[Image.Image]:
-    """Decode uploaded images with PIL (never trusting the extension): RGB, EXIF rotation applied, size-checked."""
+    """Uploaded images through loldu_sd.images.read_image (content decides, never the extension); StudioError."""
     paths = [p for p in (paths or []) if p]
     if len(paths) < minimum:
         raise StudioError(f"upload at least {minimum} images of the concept (got {len(paths)}); 3-5 work best")
     if len(paths) > maximum:
         raise StudioError(f"upload at most {maximum} images per run (got {len(paths)})")
-    images = []
-    for p in paths:
-        size = os.path.getsize(p)
-        if size > MAX_IMAGE_BYTES:
-            raise StudioError(f"{_display(p)}: {size / 2**20:.1f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB "
-                              "limit per image")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(p, formats=IMAGE_FORMATS) as im:
-                    im.verify()  # structure and checksums; the image must be reopened afterwards
-                with Image.open(p, formats=IMAGE_FORMATS) as im:
-                    images.append(to_rgb(im))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            reason = "unsupported or not an image" if isinstance(e, Image.UnidentifiedImageError) else str(e)
-            raise StudioError(f"{_display(p)}: not a readable image ({reason}); upload PNG, JPEG or WebP files"
-                              ) from None
-    return images
+    try:
+        return [read_image(p, name=_display(p), max_bytes=MAX_IMAGE_BYTES) for p in paths]
+    except ImageReadError as e:
+        raise StudioError(str(e)) from None
 
 
 def check_prompt(prompt: str | None) -> str:

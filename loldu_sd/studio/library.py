@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 # no diffusers import: that happens on first use
+from ..images import MAX_IMAGE_BYTES, ImageReadError, read_image
 from ..io import LOLDU_WEIGHT_NAME
 from ..io import LoLDUFormatError, read_adapter_file
 from .inputs import StudioError, sanitize_name
@@ -167,9 +167,8 @@ class AdapterLibrary:
         if info.sample is None:
             return None
         try:
-            with Image.open(io.BytesIO(read_inside(info.sample, 64 * 2**20))) as im:
-                return im.convert("RGB")  # decodes it all: a truncated file fails here, not in a later caller
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return read_image(read_inside(info.sample, MAX_IMAGE_BYTES), name=f"{info.name}/{info.sample.name}")
+        except (OSError, ImageReadError) as e:
             log.warning("library: sample image of %r unreadable (%s)", info.name, e)
             return None
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import to_rgb
+from ..images import ImageReadError, read_folder
 from .errors import TrainingInputError
 
 
@@ -18,51 +18,24 @@ DATA, NOISE, CLASS_DATA, CLASS_NOISE, CLASS_GEN, EVAL = range(6)
 
 def load_images(directory: str | Path, resolution: int | None = None, what: str = "instance"
                 ) -> tuple[list[tuple[Path, Image.Image]], list[str]]:
-    """Read every image of a folder as RGB (EXIF rotation applied); returns (path, image) pairs and warnings.
+    """Every image of a folder (loldu_sd.images.read_folder) and warnings; TrainingInputError naming the flag.
 
-    Unreadable files are skipped with a warning naming each; images smaller than `resolution` get a warning.
-    No readable image at all is a TrainingInputError.
+    Skipped files and images smaller than `resolution` get a warning each; fewer than 3 instance images, one more.
     """
-    folder = Path(directory)
     flag = f"--{what}_data_dir"
-    if not folder.exists():
-        raise TrainingInputError(f"{flag} {folder}: no such folder")
-    if not folder.is_dir():
-        raise TrainingInputError(f"{flag} {folder}: is a file, not a folder of images")
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    files = [p for p in entries if p.is_file()]
-    notes = [f"{p}: skipped, {_not_a_file(p)}" for p in entries if not p.is_file()]
-    if not files:
-        what_is_there = "holds only subfolders or links" if notes else "is empty"
-        raise TrainingInputError(f"{flag} {folder}: {what_is_there}; put 3-5 photos of your subject in it")
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()  # decode fully now: truncated files fail here, not in the middle of training
-                image = to_rgb(im)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            notes.append(f"{path}: skipped, not a readable image ({e})")
-            continue
+    try:
+        images, notes = read_folder(directory)
+    except ImageReadError as e:
+        hint = "; put 3-5 photos of your subject in it" if what == "instance" else ""
+        raise TrainingInputError(f"{flag} {e}{hint}") from None
+    for path, image in images:
         if resolution and min(image.size) < resolution:
             notes.append(f"{path}: {image.width}x{image.height} is smaller than --resolution {resolution}; "
-                            "it is upscaled and will look soft")
-        images.append((path, image))
-    if not images:
-        raise TrainingInputError(f"{flag} {folder}: holds no readable image ({len(files)} file(s) skipped)")
+                         "it is upscaled and will look soft")
     if what == "instance" and len(images) < 3:
-        notes.append(f"{flag} {folder}: only {len(images)} image(s); DreamBooth needs 3-5 photos of the subject "
+        notes.append(f"{flag} {directory}: only {len(images)} image(s); DreamBooth needs 3-5 photos of the subject "
                      "(from several angles) to learn it rather than copy one picture. Training anyway")
     return images, notes
-
-
-def _not_a_file(path: Path) -> str:
-    """Why a folder entry is not read as an image."""
-    if path.is_symlink() and not path.exists():
-        return "a dangling symlink"
-    if path.is_dir():
-        return "a subfolder (images in subfolders are not read)"
-    return "not a regular file"
 
 
 def sample_seed(seed: int, *keys: int) -> int:
