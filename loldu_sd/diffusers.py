@@ -35,11 +35,13 @@ def unet_target_layers(unet: nn.Module, targets: list[str] | None = None) -> lis
     """Linear layers to adapt inside the UNet's attention modules (default: to_q, to_k, to_v, to_out.0)."""
     targets = list(PRESETS["sd-unet"]) if targets is None else list(targets)
     modules = dict(unet.named_modules())
-    names = [f"{attn}.{t}" for attn in unet_attention_modules(unet) for t in targets
+    pairs = [(t, f"{attn}.{t}") for attn in unet_attention_modules(unet) for t in targets
              if isinstance(modules.get(f"{attn}.{t}"), nn.Linear)]
-    if not names:
-        raise ValueError(f"none of {targets} exists in the UNet's attention modules")
-    return names
+    unknown = [t for t in targets if t not in {t for t, _ in pairs}]
+    if unknown:  # an unknown name would otherwise be dropped silently while the file's metadata records it
+        raise ValueError(f"{', '.join(map(repr, unknown))}: no such Linear layer in the UNet's attention modules "
+                         f"(known: {', '.join(PRESETS['sd-unet'])}, ...)")
+    return [name for _, name in pairs]
 
 
 def add_loldu_to_unet(unet: nn.Module, config: LoLDUConfig, adapter_name: str = "default") -> nn.Module:

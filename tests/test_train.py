@@ -280,8 +280,13 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_stays_bit_exact(
 
 
 def test_unknown_target_modules_or_an_unloadable_base_model_are_one_line(tiny_sd, tmp_path):
-    with pytest.raises(training.TrainingInputError, match=r"^--target_modules foo: none of \['foo'\] exists"):
+    with pytest.raises(training.TrainingInputError, match=r"^--target_modules foo: 'foo': no such Linear layer"):
         train(tiny_sd, tmp_path / "out", "--target_modules", "foo")
+    with pytest.raises(training.TrainingInputError, match=r"^--target_modules to_q,to_kk: 'to_kk': no such Linear"):
+        train(tiny_sd, tmp_path / "out", "--target_modules", "to_q,to_kk")  # was: to_q alone, both recorded
+    with pytest.raises(training.TrainingInputError, match=r"^--rank 100000 is larger than the UNet's .* allows "
+                                                          r"\(\d+x\d+: at most \d+\); use --rank \d+ or less$"):
+        train(tiny_sd, tmp_path / "out", "--rank", "100000")  # was: clamped per layer, metadata said 100000
     (tmp_path / "not-a-model").mkdir()  # refused before loading: no pipeline config
     with pytest.raises(training.TrainingInputError, match=r"^--pretrained_model_name_or_path .*not-a-model: cannot "
                                                           r"read its pipeline config \([^\n]*\)$"):

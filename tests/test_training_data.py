@@ -147,6 +147,12 @@ def test_unusable_instance_folders_are_one_line_errors(tmp_path, case, match):
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     (["--adam_epsilon", "inf"], "--adam_epsilon must be a finite number"),
     (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number"),
+    (["--output_dir", ""], "--output_dir is empty"),  # was: trained into the current folder, over its README.md
+    (["--output_dir", "  "], "--output_dir is empty"),
+    (["--alpha", "nan"], "--alpha must be a finite number > 0, got nan"),  # was: failed at step 1 blaming the lr
+    (["--alpha", "nan", "--sigma_max", "none"], "--alpha must be a finite number > 0, got nan"),
+    (["--sigma_max", "nan"], "--sigma_max must be a finite number > 0"),
+    (["--z_max_norm", "inf"], "--z_max_norm must be a finite number > 0"),
 ])
 def test_contradictory_or_out_of_range_flags_are_one_line_errors(tmp_path, extra, match):
     with pytest.raises(TrainingInputError, match=match) as e:

@@ -161,6 +161,13 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"),
          f"--report_to must be tensorboard, wandb, comet_ml, all or none, got {args.report_to!r}")
     need(args.resume_from_checkpoint != "", "--resume_from_checkpoint is empty; give a checkpoint folder or 'latest'")
+    # "" would be the current folder: its README.md and plots would be overwritten
+    need(str(args.output_dir).strip(), "--output_dir is empty; give a folder for the adapter, e.g. --output_dir "
+                                       "loldu-dreambooth-model")
+    for name in ("alpha", "sigma_max", "z_max_norm"):  # NaN passes every comparison in LoLDUConfig
+        value = getattr(args, name)
+        need(value is None or (math.isfinite(value) and value > 0),
+             f"--{name} must be a finite number > 0, got {value}")
     try:
         cfg = loldu_config(args)
     except ValueError as e:

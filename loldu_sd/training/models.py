@@ -132,10 +132,13 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
                                  f"load the base model ({type(e).__name__}: {first_line(e)})") from None
     config = loldu_config(args)
     try:
+        check_rank_fits(m.unet, config)
         components = {"unet": add_loldu_to_unet(m.unet, config)}
         if args.train_text_encoder:  # every text encoder: SDXL's two, as diffusers' SDXL script does
             for name in text_encoder_names(m):
                 components[name] = add_loldu_to_text_encoder(getattr(m, name), config)
+    except TrainingInputError:
+        raise
     except ValueError as e:
         raise TrainingInputError(f"--target_modules {args.target_modules}: {first_line(e)}") from None
     for module in components.values():
@@ -154,6 +157,22 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return m, components, weight_dtype
+
+
+def check_rank_fits(unet, config) -> None:
+    """--rank must fit every targeted UNet layer: a smaller one would keep fewer pivots than the metadata records."""
+    from ..diffusers import unet_target_layers
+    from ..model import find_targets
+
+    targets = config.target_modules
+    names = find_targets(unet, targets) if isinstance(targets, str) else unet_target_layers(unet, targets)
+    modules = dict(unet.named_modules())
+    name = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features), default=None)
+    kept = min(modules[name].in_features, modules[name].out_features) if name else config.rank
+    if config.rank > kept:
+        raise TrainingInputError(f"--rank {config.rank} is larger than the UNet's {name} allows "
+                                 f"({modules[name].out_features}x{modules[name].in_features}: at most {kept}); "
+                                 f"use --rank {kept} or less")
 
 
 def generate_samples(pipe, args: argparse.Namespace) -> list[Image.Image]:
