@@ -7,6 +7,7 @@
     conditioning.py what the UNet is conditioned on: SD's text encoder, or SDXL's two plus pooled embeds and time ids
     loss.py         the denoising objective and its options (Min-SNR, offset noise, attention mask), batch_loss
     optim.py        the optimizer and learning-rate schedule the flags describe
+    step.py         Trainable and training_step: the one optimizer step (also the quality benchmark's)
     checkpoints.py  atomic, resumable checkpoint-N folders
     loop.py         train_dreambooth: the optimizer-step loop
     outputs.py      samples, loss plot, model card, Hub upload
@@ -31,11 +32,14 @@ from .loop import TrainingCallbacks, TrainingResult, train_dreambooth
 from .loss import diffusion_loss, encode_prompt, evaluate_denoising_loss
 from .models import load_models
 from .outputs import image_grid, plot_losses, write_model_card
+from .step import NonFiniteStep, OneProcess, Trainable, training_step
 
 __all__ = [
-    "DEFAULT_MAX_TRAIN_STEPS", "LR_SCHEDULERS", "STATE_NAME", "DreamBoothDataset", "SampleStream", "TrainingCallbacks",
-    "TrainingError", "TrainingInputError", "TrainingResult", "adapter_digest", "build_parser", "check_args",
+    "DEFAULT_MAX_TRAIN_STEPS", "LR_SCHEDULERS", "STATE_NAME", "DreamBoothDataset", "NonFiniteStep", "OneProcess",
+    "SampleStream", "Trainable", "TrainingCallbacks", "TrainingError", "TrainingInputError", "TrainingResult",
+    "adapter_digest", "build_parser", "check_args",
     "diffusion_loss", "encode_prompt", "evaluate_denoising_loss", "image_grid", "list_checkpoints", "load_images",
     "load_models", "loldu_config", "parse_args", "plot_losses", "preflight", "resolve_checkpoint",
-    "resolve_max_train_steps", "sample_seed", "save_checkpoint", "to_rgb", "train_dreambooth", "write_model_card",
+    "resolve_max_train_steps", "sample_seed", "save_checkpoint", "to_rgb", "train_dreambooth", "training_step",
+    "write_model_card",
 ]

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..model import loldu_parameters, loldu_value_problem, project_loldu_
 from .args import check_args, loldu_config, preflight, resolve_max_train_steps
 from .base import check_trainable_base
 from .checkpoints import (clean_interrupted_saves, load_checkpoint, output_dir_lock, rank_digests, resolve_checkpoint,
@@ -25,6 +24,7 @@ from .loss import batch_loss
 from .models import generate_samples, make_accelerator, models_with_adapters, pipeline_components, pipeline_from_args
 from .optim import make_lr_scheduler, make_optimizer
 from .outputs import create_hub_repo, final_outputs, log_images, tracker_config
+from .step import NonFiniteStep, loldu_trainable, training_step
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ class _Run:
         set_seed(args.seed)  # only init="uniform"/"normal*" draw from the global RNG; data and noise have their own
         self.m, self.components, self.weight_dtype = models_with_adapters(args, accelerator)
         self.config = loldu_config(args)
-        self.params = loldu_parameters(self.components)
+        self.trainable = loldu_trainable(self.components, args.pretrained_model_name_or_path)
+        self.params = self.trainable.params
         self.dataset = DreamBoothDataset(instance, args.resolution, args.seed, args.center_crop, args.random_flip,
                                          self.class_images or None)
         world, accum, bs = accelerator.num_processes, args.gradient_accumulation_steps, args.train_batch_size
@@ -142,7 +143,7 @@ class _Run:
         with warnings.catch_warnings():  # torch >= 2.10 renames broadcast_buffers; the meaning we want is the same
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
             *self.prepared, self.optimizer = accelerator.prepare(*components.values(), self.optimizer)
-        self.trained = dict(zip(components, self.prepared))
+        self.trained = self.trainable.trained = dict(zip(components, self.prepared))
         for module in self.prepared:
             module.train()  # from_pretrained returns eval-mode models; checkpointing (CLIP) only acts in train mode
 
@@ -173,30 +174,15 @@ class _Run:
                           bool(self.class_images))
 
     def step(self) -> float:
-        """One optimizer step over gradient_accumulation_steps micro-batches, then the projection; its mean loss."""
-        accelerator, micro = self.accelerator, []
-        for _ in range(self.args.gradient_accumulation_steps):
-            batch = next(self.data)
-            with accelerator.accumulate(*self.prepared):
-                loss = self.batch_loss(batch)
-                every = accelerator.gather(loss.detach().float().reshape(1))  # the same verdict on every process
-                if not torch.isfinite(every).all():
-                    raise self.diverged(f"the loss is {float(every[~torch.isfinite(every)][0])}")
-                micro.append(float(every.mean()))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and self.args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(self.params, self.args.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        if not accelerator.optimizer_step_was_skipped:  # fp16: skipped when the grad scaler saw inf
-            self.lr_scheduler.step()
-        project_loldu_(self.components)  # projected gradient descent (eqs. 10-12), after every optimizer step
-        # the parameters themselves, not only the loss: an inf lr gives a finite loss and a NaN adapter
-        problem = loldu_value_problem(self.components)
-        if problem:
-            raise self.diverged(f"after the optimizer step, layer {problem}")
+        """One optimizer step (the shared training_step: accumulation, clipping, projection, checks); its loss."""
+        batches = (next(self.data) for _ in range(self.args.gradient_accumulation_steps))
+        try:
+            loss = training_step(self.trainable, self.accelerator, batches, self.batch_loss, self.optimizer,
+                                 self.lr_scheduler, self.args.max_grad_norm)
+        except NonFiniteStep as e:
+            raise self.diverged(str(e)) from None
         self.global_step += 1
-        return sum(micro) / len(micro)
+        return loss
 
     def diverged(self, what: str) -> TrainingError:
         """The one-line error of a run that went non-finite at this step (nothing of the step is saved)."""
@@ -237,13 +223,9 @@ class _Run:
     def checkpoint(self) -> Path:
         """Save a resumable checkpoint of this step."""
         state = {"global_step": self.global_step, "losses": self.losses, "max_train_steps": self.max_steps}
-        from ..diffusers import save_pipeline_adapter
-
-        def write_adapter(folder: Path) -> None:
-            save_pipeline_adapter(folder, self.components, base_model=self.args.pretrained_model_name_or_path)
-
         return save_checkpoint(self.accelerator, self.out, self.global_step, state, self.args.checkpoints_total_limit,
-                               write_adapter=write_adapter, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+                               write_adapter=self.trainable.save, optimizer=self.optimizer,
+                               lr_scheduler=self.lr_scheduler)
 
     def validate(self) -> None:
         """Sample validation images with the adapter being trained."""
@@ -279,6 +261,7 @@ class _Run:
                                             "trainer": "loldu_sd.training.train_dreambooth"})
         result.adapter_path = self.out / LOLDU_WEIGHT_NAME
         self.optimizer = self.prepared = self.trained = self.components = self.m = self.params = None
+        self.trainable = None
         self.conditioner = None
         self.data = None
         accelerator.free_memory()
