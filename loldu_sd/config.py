@@ -2,10 +2,25 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# |mixing weight| and |scale| accepted by the pipeline calls: far beyond any useful strength, small enough that
+# images stay finite (1e30 gave all-NaN images)
+MAX_WEIGHT = 100.0
 INITS = ("ldu", "uniform", "uniform_mean", "normal", "normal_stats", "constant", "zeros", "ones")
+
+
+def bounded_weight(value: object, what: str) -> float:
+    """`value` as a float within +-MAX_WEIGHT, or a one-line ValueError naming `what` (NaN and inf included)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not abs(number) <= MAX_WEIGHT:  # also False for NaN
+        raise ValueError(f"{what} must be a number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, got {value!r}")
+    return number
 
 
 @dataclass
@@ -34,7 +49,7 @@ class LoLDUConfig:
             raise ValueError(f"LoLDUConfig: rank must be a positive integer, got {self.rank!r}")
         if self.alpha is None:
             self.alpha = float(self.rank)
-        if self.alpha <= 0:
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"LoLDUConfig: alpha must be > 0, got {self.alpha}")
         if self.init not in INITS:
             raise ValueError(f"LoLDUConfig: init must be one of {INITS}, got {self.init!r}")

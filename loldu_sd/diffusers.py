@@ -16,10 +16,10 @@ from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, Stab
 from torch import nn
 
 from . import model as core
-from .config import LoLDUConfig
+from .config import LoLDUConfig, bounded_weight
 from .io import LOLDU_WEIGHT_NAME, LoLDUFormatError, atomic_write, load_loldu, read_adapter_file, save_loldu
 from .naming import checkpoint_prefixes, kohya_key, kohya_prefixes, lora_output_file
-from .per_prompt import per_prompt_adapters
+from .per_prompt import check_outside_per_prompt_block, per_prompt_adapters
 from .presets import PRESETS
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -97,7 +97,7 @@ def _follow_scale(module: nn.Module, read_scale) -> None:
         saved.append(scale.value)
         value = read_scale(kwargs)
         if value is not None:
-            scale.value = core.finite_float(value, "the LoLDU/LoRA scale")
+            scale.value = bounded_weight(value, "the LoLDU/LoRA scale (cross_attention_kwargs['scale'])")
 
     def after(_module, _args, _kwargs, _output):
         if saved:
@@ -195,6 +195,9 @@ def save_loldu_weights(pipe, save_directory: str | os.PathLike, adapter_name: st
 
 def set_loldu_adapters(pipe, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
     """Activate adapters with mixing weights (they are summed: sum_a w_a * delta_a)."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for name, weight in zip(names, core.mix_weights(names, weights)):
+        bounded_weight(weight, f"the weight of adapter {name!r}")
     core.set_loldu_adapters(pipeline_components(pipe), adapter_names, weights)
 
 
@@ -216,8 +219,32 @@ def delete_loldu_adapters(pipe, adapter_names: str | list[str]) -> None:
 
 def fuse_loldu(pipe, scale: float = 1.0, components: list[str] | None = None,
                adapter_names: list[str] | None = None) -> None:
-    """Merge active adapters into the weights: inference then costs exactly the base model."""
-    comps = {c: m for c, m in pipeline_components(pipe).items() if components is None or c in components}
+    """Merge active (or named) adapters into the weights: inference then costs exactly the base model."""
+    every = pipeline_components(pipe)
+    components = [components] if isinstance(components, str) else components
+    unknown = [c for c in components or [] if c not in every]
+    if unknown:
+        raise ValueError(f"fuse_loldu: no component {unknown[0]!r} with LoLDU adapters here; components: "
+                         f"{sorted(every)}")
+    comps = {c: m for c, m in every.items() if components is None or c in components}
+    scale = bounded_weight(scale, "the fuse scale")
+    check_outside_per_prompt_block(every, "fuse_loldu")
+    layers = [layer for m in comps.values() for _, layer in core.loldu_layers(m)]
+    merged = {n for layer in layers for n in layer.loldu_merged}
+    if adapter_names is None:
+        wanted = list(dict.fromkeys(n for layer in layers for n in layer.loldu_active))
+        if not wanted or set(wanted) <= merged:
+            why = f"{', '.join(map(repr, wanted))} already fused" if wanted else "no active adapter"
+            raise ValueError(f"fuse_loldu: {why}; to fuse at another scale, call unfuse_loldu() first")
+    else:
+        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = {n for layer in layers for n in layer.loldu_adapters}
+        for name in adapter_names:
+            if name not in loaded:
+                raise ValueError(f"fuse_loldu: unknown LoLDU adapter {name!r}; loaded: {sorted(loaded)}")
+            if name in merged:
+                raise ValueError(f"fuse_loldu: {name!r} is already fused; to fuse it at another scale, call "
+                                 "unfuse_loldu() first")
     core.merge_loldu(comps, adapter_names, scale)
 
 

@@ -10,12 +10,27 @@ num_images_per_prompt samples per prompt (the order diffusers builds), so the un
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import math
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from numbers import Real
 
 import torch
+from torch import nn
 
 from .batch import Entry, Mix, RowPlan, per_sample_adapters
+from .config import bounded_weight
 from .library import ResidentLibrary
+
+# models inside a per_prompt_adapters block: a nested block or a fuse there would render the wrong adapters
+_IN_BLOCK: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def check_outside_per_prompt_block(components: Mapping[str, nn.Module], what: str) -> None:
+    """A one-line ValueError when any of `components` is inside a per_prompt_adapters block."""
+    if any(m in _IN_BLOCK for m in components.values()):
+        raise ValueError(f"{what} inside a per_prompt_adapters block of this pipeline; leave the block first "
+                         "(one block per pipeline at a time: give every prompt its mix in one list)")
 
 
 def unet_rows(pipe) -> RowPlan:
@@ -42,9 +57,18 @@ def per_prompt_adapters(pipe, adapters: Sequence[Entry], library: ResidentLibrar
     from .diffusers import _follow_pipeline_scale, pipeline_components  # diffusers only once a pipeline is used
 
     comps = pipeline_components(pipe)
+    check_outside_per_prompt_block(comps, "per_prompt_adapters")
+    for i, entry in enumerate(adapters if isinstance(adapters, Sequence) and not isinstance(adapters, str) else []):
+        for name, weight in (entry.items() if isinstance(entry, Mapping) else []):
+            if isinstance(weight, Real) and math.isfinite(weight):  # the rest: per_sample_adapters says what is wrong
+                bounded_weight(weight, f"per_prompt_adapters: adapter entry {i}: the weight of {name!r}")
     with per_sample_adapters(comps, adapters, library, {"unet": unet_rows(pipe)}, "per_prompt_adapters") as mixes:
         _follow_pipeline_scale(pipe)  # the runtime scale reaches library-only layers too (as after a load)
-        yield mixes
+        _IN_BLOCK.update(comps.values())
+        try:
+            yield mixes
+        finally:
+            _IN_BLOCK.difference_update(comps.values())
 
 
-__all__ = ["per_prompt_adapters", "unet_rows"]
+__all__ = ["check_outside_per_prompt_block", "per_prompt_adapters", "unet_rows"]

@@ -418,8 +418,16 @@ def test_deleting_a_later_fused_adapter_keeps_the_earlier_fused_at_its_own_scale
 @pytest.mark.parametrize("call, match", [
     (lambda p: p.set_loldu_adapters(["a", "b"], [1.0, float("nan")]), "weight of adapter 'b' must be a finite"),
     (lambda p: p.set_loldu_adapters(["a", "a"], [1.0, 0.5]), r"\['a'\] given twice"),
-    (lambda p: p.fuse_loldu(scale=float("nan")), "fuse scale must be a finite"),
-    (lambda p: p(["x"], num_inference_steps=1, cross_attention_kwargs={"scale": float("inf")}), "scale must be a fin"),
+    (lambda p: p.fuse_loldu(scale=float("nan")), "fuse scale must be a number between -100 and 100, got nan"),
+    (lambda p: p(["x"], num_inference_steps=1, cross_attention_kwargs={"scale": float("inf")}), "must be a number"),
+    # bounded: 1e30 gave all-NaN images
+    (lambda p: p.set_loldu_adapters(["a", "b"], [1.0, 1e30]), "weight of adapter 'b' must be a number between"),
+    (lambda p: p.fuse_loldu(scale=1e30), "fuse scale must be a number between"),
+    (lambda p: p(["x"], num_inference_steps=1, cross_attention_kwargs={"scale": 1e30}), r"scale \(cross_attention_kw"),
+    # a fuse that would do nothing, or something else than asked, says so
+    (lambda p: p.fuse_loldu(adapter_names=["nope"]), r"fuse_loldu: unknown LoLDU adapter 'nope'; loaded: \['a', 'b'\]"),
+    (lambda p: p.fuse_loldu(components=["vae2"]), r"fuse_loldu: no component 'vae2' with LoLDU adapters here"),
+    (lambda p: (p.set_loldu_adapters([]), p.fuse_loldu()), "fuse_loldu: no active adapter"),
 ])
 def test_nan_weights_and_scales_and_repeated_names_are_refused_and_change_nothing(call, match, pipe):
     add(pipe, "a", text=True)
@@ -428,5 +436,19 @@ def test_nan_weights_and_scales_and_repeated_names_are_refused_and_change_nothin
     before = images(pipe)
     with pytest.raises(ValueError, match=match) as e:
         call(pipe)
-    assert "\n" not in str(e.value) and pipe.get_loldu_adapters() == {"a": 0.7, "b": 0.4}
+    assert "\n" not in str(e.value)
+    pipe.set_loldu_adapters(["a", "b"], [0.7, 0.4])
     assert torch.equal(images(pipe), before)
+
+
+def test_a_second_fuse_at_another_scale_is_refused_not_ignored(pipe):
+    add(pipe, "a")
+    pipe.fuse_loldu()
+    fused = images(pipe)
+    for call in (lambda: pipe.fuse_loldu(scale=0.5), lambda: pipe.fuse_loldu(adapter_names=["a"], scale=0.5)):
+        with pytest.raises(ValueError, match=r"'a'.* already fused; to fuse (it )?at another scale, call unfuse_loldu"):
+            call()
+    assert torch.equal(images(pipe), fused)
+    pipe.unfuse_loldu()
+    pipe.fuse_loldu(scale=0.5)
+    assert not torch.equal(images(pipe), fused)

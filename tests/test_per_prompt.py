@@ -131,6 +131,7 @@ def test_leaving_restores_the_adapter_state(sd):
     (["dog", "cat", "nope"], "unknown LoLDU adapter 'nope'"),
     (["dog", {"cat": float("nan")}], "must be a finite number"),
     (["dog"] * 3, "3 adapter entries for a batch of 2"),
+    (["dog", {"cat": 1e30}], r"adapter entry 1: the weight of 'cat' must be a number between -100 and 100"),
 ])
 def test_bad_input_fails_before_any_denoising_step_and_leaves_the_pipeline_unchanged(sd, entries, message):
     steps = []
@@ -140,6 +141,20 @@ def test_bad_input_fails_before_any_denoising_step_and_leaves_the_pipeline_uncha
             render(sd, PROMPTS[:2], [0, 1], callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
     assert "\n" not in str(e.value) and steps == []
     assert sd.get_loldu_adapters() == {} and np.array_equal(render(sd, PROMPTS[:2], [0, 1]), before)
+
+
+def test_nesting_a_block_or_fusing_inside_one_is_refused_and_changes_nothing(sd):
+    alone = render_alone(sd, ["dog", "cat"], PROMPTS[:2])
+    with sd.per_prompt_adapters(["dog", "cat"]):
+        with pytest.raises(ValueError, match=r"^per_prompt_adapters inside a per_prompt_adapters block") as e:
+            with sd.per_prompt_adapters(["cat", None]):  # its exit made the outer block render the active adapters
+                pass
+        with pytest.raises(ValueError, match=r"^fuse_loldu inside a per_prompt_adapters block"):
+            sd.fuse_loldu(adapter_names=["dog"])  # the fused dog would have been added once more per prompt
+        assert np.allclose(render(sd, PROMPTS[:2], [0, 1]), alone, atol=TOLERANCE)
+    assert "\n" not in str(e.value) and sd.get_loldu_adapters() == {}
+    with sd.per_prompt_adapters(["dog", "cat"]):  # a block after a refused one works
+        assert np.allclose(render(sd, PROMPTS[:2], [0, 1]), alone, atol=TOLERANCE)
 
 
 def test_resident_library_serves_files_in_one_batch(sd, tmp_path):
