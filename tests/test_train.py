@@ -75,7 +75,7 @@ def test_accelerate_launch_end_to_end(tiny_sd, tmp_path):
 
     weights = out / "pytorch_loldu_weights.safetensors"
     t, meta = tensors(weights)
-    assert set(t) == {"unet.loldu.z", "unet.loldu.sigma", "unet.loldu.pivots", "unet.loldu.fingerprint"}
+    assert set(t) == {"unet.loldu.dz", "unet.loldu.dsigma", "unet.loldu.pivots", "unet.loldu.fingerprint"}
     assert meta["format"] == "loldu" and meta["base_model"] == str(tiny_sd) and meta["instance_prompt"] == PROMPT
     assert json.loads(meta["config"])["rank"] == 32 and meta["training_steps"] == "4"
     size_kb = weights.stat().st_size / 1024
@@ -129,7 +129,7 @@ def test_text_encoder_with_gradient_checkpointing_is_trained_saved_and_validated
                    callbacks=TrainingCallbacks(on_validation=lambda step, images: previews.append((step, images))))
     assert [(step, len(images), images[0].size) for step, images in previews] == [(1, 1, (64, 64)), (2, 1, (64, 64))]
     t, meta = tensors(result.adapter_path)
-    assert {"text_encoder.loldu.z", "text_encoder.loldu.sigma"} <= set(t)
+    assert {"text_encoder.loldu.dz", "text_encoder.loldu.dsigma"} <= set(t)
     assert {n.rsplit(".", 1)[-1] for n, _ in json.loads(meta["layers"])["text_encoder"]} == \
         {"q_proj", "k_proj", "v_proj", "out_proj"}
     pipe = tiny_pipeline(seed=0)
@@ -155,7 +155,7 @@ def test_resume_after_2_steps_equals_4_straight_steps(tiny_sd, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert resumed.losses == straight.losses  # steps 1-2 restored from the checkpoint, 3-4 recomputed
     at2, _ = tensors(tmp_path / "a" / "checkpoint-2" / "pytorch_loldu_weights.safetensors")
-    assert not torch.equal(at2["unet.loldu.z"], b["unet.loldu.z"])
+    assert not torch.equal(at2["unet.loldu.dz"], b["unet.loldu.dz"])
 
 
 def test_torchrun_2_processes_and_accumulation_match_1_process_with_the_same_global_batch(tiny_sd, tmp_path):
@@ -173,7 +173,7 @@ def test_torchrun_2_processes_and_accumulation_match_1_process_with_the_same_glo
                         *extra)
     one, _ = tensors(single.adapter_path)
     acc, _ = tensors(accumulated.adapter_path)
-    for k in ("unet.loldu.z", "unet.loldu.sigma"):
+    for k in ("unet.loldu.dz", "unet.loldu.dsigma"):
         torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=1e-6)
         torch.testing.assert_close(acc[k], one[k], rtol=0, atol=1e-6)
 
@@ -205,7 +205,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-2"]
     assert not (out / "pytorch_loldu_weights.safetensors").exists()
     t, _ = tensors(out / "checkpoint-2" / "pytorch_loldu_weights.safetensors")
-    assert torch.isfinite(t["unet.loldu.z"]).all()
+    assert torch.isfinite(t["unet.loldu.dz"]).all()
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
 
 
@@ -242,16 +242,89 @@ def test_a_pickle_in_a_checkpoint_is_refused_unread_and_a_damaged_one_is_one_lin
     (out / "checkpoint-1" / "custom_checkpoint_0.pkl").unlink()
     good = (out / "checkpoint-1" / "optimizer.safetensors").read_bytes()
     (out / "checkpoint-1" / "optimizer.safetensors").write_bytes(good[:-8])  # truncated
-    with pytest.raises(training.TrainingInputError, match=r"checkpoint-1: damaged \(.*\); resume from an earlier"):
+    with pytest.raises(training.TrainingInputError, match=r"checkpoint-1: optimizer.safetensors: unreadable \(.*\); "
+                                                             r"this checkpoint is damaged or was edited: resume from"):
         train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
     (out / "checkpoint-1" / "optimizer.safetensors").write_bytes(good)
     adapter = out / "checkpoint-1" / "pytorch_loldu_weights.safetensors"
     t, meta = tensors(adapter)
-    t["unet.loldu.z"][0] = float("nan")  # as written before parameters were checked
+    t["unet.loldu.dz"][0] = float("nan")  # as written before parameters were checked
     save_file(t, str(adapter), metadata=meta)
-    with pytest.raises(training.TrainingInputError, match=r"checkpoint-1/pytorch_loldu_weights\.safetensors: layer "
-                                                             r"unet\..* holds NaN/inf values; resume from an earlier"):
+    with pytest.raises(training.TrainingInputError, match=r"checkpoint-1: pytorch_loldu_weights\.safetensors: "
+                                                             r"unet\.loldu\.z holds NaN/inf values; .*resume from an"):
         train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+
+
+def _edit_tensors(name, key, change):
+    def edit(folder):
+        t, meta = tensors(folder / name)
+        t[key] = change(t[key])
+        save_file(t, str(folder / name), metadata=meta)
+    return edit
+
+
+def _edit_json(name, change):
+    def edit(folder):
+        value = json.loads((folder / name).read_text())
+        change(value)
+        (folder / name).write_text(json.dumps(value))
+    return edit
+
+
+ADAPTER = "pytorch_loldu_weights.safetensors"
+CRAFTED = {  # how a checkpoint was damaged or crafted -> the file and problem the one line names
+    "sigma_cut_to_3": (_edit_tensors(ADAPTER, "unet.loldu.sigma", lambda t: t[:3].clone()),
+                       r"pytorch_loldu_weights.safetensors: unet.loldu.sigma is missing or not a torch.float32 tensor"),
+    "fingerprint_x3": (_edit_tensors(ADAPTER, "unet.loldu.fingerprint", lambda t: t * 3),
+                       r"pytorch_loldu_weights.safetensors: unet.loldu.fingerprint differs from this base model's"),
+    "pivots_reversed": (_edit_tensors(ADAPTER, "unet.loldu.pivots", lambda t: t.flip(0).clone()),
+                        r"pytorch_loldu_weights.safetensors: unet.loldu.pivots differs from this base model's"),
+    "float_pivots": (_edit_tensors(ADAPTER, "unet.loldu.pivots", lambda t: t.float()),
+                     r"pytorch_loldu_weights.safetensors: unet.loldu.pivots is missing or not a torch.int16"),
+    "global_step_1e9": (_edit_json("training_state.json", lambda v: v.update(global_step=10**9)),
+                        r"training_state.json: global_step 1000000000 does not match the folder's name"),
+    "global_step_text": (_edit_json("training_state.json", lambda v: v.update(global_step="1")),
+                         r"training_state.json: global_step '1' .* not whole numbers"),
+    "losses_null": (_edit_json("training_state.json", lambda v: v.update(losses=None)),
+                    r"training_state.json: losses are not 1 \[step, finite loss\] pairs"),
+    "nan_lr": (_edit_json("optimizer.json", lambda v: v["param_groups"][0].update(lr=float("nan"))),
+               r"optimizer.json: param_groups\[0\].lr is nan, not a finite float"),
+    "betas_text": (_edit_json("optimizer.json", lambda v: v["param_groups"][0].update(betas="0.9")),
+                   r"optimizer.json: param_groups\[0\].betas is not a list of 2"),
+    "moment_shape": (_edit_tensors("optimizer.safetensors", "0.exp_avg", lambda t: t[:1].clone()),
+                     r"optimizer.safetensors: 0.exp_avg has shape \(1,\)"),
+    "moment_nan": (_edit_tensors("optimizer.safetensors", "1.exp_avg_sq", lambda t: t * float("nan")),
+                   r"optimizer.safetensors: 1.exp_avg_sq holds NaN/inf"),
+    "scheduler_epoch": (_edit_json("scheduler.json", lambda v: v["scheduler"].update(last_epoch=7)),
+                        r"scheduler.json: scheduler.last_epoch 7 is not global_step 1"),
+    "scheduler_type": (_edit_json("scheduler.json", lambda v: v["scheduler"].update(base_lrs="x")),
+                       r"scheduler.json: scheduler.base_lrs is not a list"),
+    "rng_python_cut": (_edit_json("random_states_0.json", lambda v: v["python"][1].pop()),
+                       r"random_states_0.json/.safetensors: not an RNG state"),
+    "rng_torch_dtype": (_edit_tensors("random_states_0.safetensors", "torch", lambda t: t.float()),
+                        r"random_states_0.json/.safetensors: not an RNG state \(torch is not a byte vector\)"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint(tiny_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("crafted") / "out"
+    train(tiny_sd, out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--num_validation_images", "0")
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_crafted_or_damaged_checkpoint_is_refused_before_anything_is_restored(tiny_sd, one_checkpoint, tmp_path,
+                                                                             case):
+    out = tmp_path / "out"
+    shutil.copytree(one_checkpoint / "checkpoint-1", out / "checkpoint-1")
+    edit, match = CRAFTED[case]
+    edit(out / "checkpoint-1")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(training.TrainingInputError, match=r"^--resume_from_checkpoint .*checkpoint-1: " + match) as e:
+        train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "\n" not in str(e.value) and "resume from an earlier one" in str(e.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written, nothing saved
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_resume_stays_bit_exact(tiny_sd, tmp_path, monkeypatch):
@@ -349,7 +422,7 @@ def test_cancel_before_the_first_step_saves_nothing_and_bf16_on_cpu_trains(tiny_
                    callbacks=TrainingCallbacks(on_step=lambda s, loss: seen.append((s, loss))))
     assert [s for s, _ in seen] == [1, 2] and all(loss == loss for _, loss in seen)
     t, _ = tensors(result.adapter_path)
-    assert t["unet.loldu.z"].dtype == torch.float32
+    assert t["unet.loldu.dz"].dtype == torch.float32
 
 
 def test_bf16_trained_adapter_loads_on_fp32_and_fp16_pipelines(tiny_sd, tmp_path):
