@@ -229,6 +229,28 @@ def test_one_broken_adapter_folder_or_sample_is_skipped_with_a_note(tmp_path, ti
     assert [lib.sample_image(a) is None for a in sorted(infos, key=lambda a: a.name)] == [False, True]
 
 
+@pytest.mark.parametrize("info, config_rank", [
+    ('{"created": "abc"}', None), ('{"created": 1e300}', None), ('{"created": -5, "note": ["x"]}', None),
+    ('{"instance_prompt": ' + "[" * 100000 + "]" * 100000 + "}", None),  # RecursionError in json.loads
+    ("{}", "Infinity"), ("{}", '"thirty"'),
+])
+def test_bad_info_json_or_config_fields_never_break_the_library_tab(tmp_path, tiny_net, info, config_rank):
+    lib = AdapterLibrary(tmp_path / "lib")
+    src = tiny_adapter(tmp_path / "a.safetensors", tiny_net)
+    if config_rank is not None:
+        with safe_open(str(src), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        meta["config"] = meta["config"].replace('"rank":2', f'"rank":{config_rank}')
+        save_file(tensors, str(src), metadata=meta)
+    lib.add("odd", src)
+    (lib.root / "odd" / "info.json").write_text(info)
+    infos, notes = lib.scan()
+    assert [a.name for a in infos] == ["odd"] and notes == []
+    odd = infos[0]
+    assert odd.created == (lib.root / "odd" / WEIGHT_NAME).stat().st_mtime and odd.created_str[:2] == "20"
+    assert odd.rank == (None if config_rank else 2) and odd.note == ""
+
+
 def test_fifo_and_oversized_sidecars_are_ignored_without_hanging(tmp_path, tiny_net):
     import os
 

@@ -56,6 +56,26 @@ def _create_new(path: Path):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
 
 
+def _timestamp(value: Any, fallback: float) -> float:
+    """info.json's `created` when it is a plausible Unix time (year 1970-9999), else the file's own time."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 253402300800
+    return float(value) if ok else fallback
+
+
+def _rank(meta: dict[str, str]) -> int | None:
+    """The rank in an adapter's config metadata, or None when it is not a positive whole number."""
+    try:
+        rank = json.loads(meta.get("config", "{}")).get("rank")
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    return rank if type(rank) is int and rank >= 1 else None
+
+
+def _text(value: Any) -> str:
+    """A text field of info.json; anything else (numbers, lists, objects) shows as empty."""
+    return value if isinstance(value, str) else ""
+
+
 @dataclass
 class AdapterInfo:
     """One library entry as shown in the Library tab."""
@@ -130,20 +150,16 @@ class AdapterLibrary:
         try:
             extra = json.loads(read_inside(folder / INFO_NAME, MAX_INFO_BYTES))
             extra = extra if isinstance(extra, dict) else {}
-        except (OSError, ValueError):  # missing, a symlink, not JSON: the file's own times and metadata serve
+        except (OSError, ValueError, RecursionError):  # missing, a symlink, not JSON: the file's own data serve
             extra = {}
-        try:
-            rank = int(json.loads(meta.get("config", "{}")).get("rank"))
-        except (ValueError, TypeError, AttributeError):
-            rank = None
         stat = weights.stat()
         sample = folder / SAMPLE_NAME
         return AdapterInfo(
             name=folder.name, weights=weights, size_bytes=stat.st_size,
-            created=float(extra.get("created") or stat.st_mtime), base_model=meta.get("base_model", "") or "?",
-            rank=rank, sample=sample if sample.is_file() and not sample.is_symlink() else None,
-            instance_prompt=str(extra.get("instance_prompt") or meta.get("instance_prompt", "")),
-            note=str(extra.get("note", "")))
+            created=_timestamp(extra.get("created"), stat.st_mtime), base_model=meta.get("base_model", "") or "?",
+            rank=_rank(meta), sample=sample if sample.is_file() and not sample.is_symlink() else None,
+            instance_prompt=_text(extra.get("instance_prompt")) or meta.get("instance_prompt", ""),
+            note=_text(extra.get("note")))
 
     def list(self) -> list[AdapterInfo]:
         """Every readable adapter, newest first (unreadable entries are logged and skipped)."""
