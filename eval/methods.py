@@ -1,20 +1,26 @@
 """The personalisation methods of the quality benchmark, as parts added to the trainer's frozen models.
 
-Each part changes the loaded models in place and says what to train, what to do after every optimizer step, and
-what a user would ship (written by `save`, measured in bytes):
+Each part changes the loaded models in place and returns a `loldu_sd.training.Trainable` (what to train, what to do
+after every optimizer step, what a user would ship), trained by the trainer's own `training_step`:
 
-    loldu    our LoLDU adapter on the UNet attention projections (loldu_sd; the trainer's own flags and file)
-    lora     LoRA through peft as diffusers' train_dreambooth_lora.py adds it (unet.add_adapter), its LoRA file
-    ti       textual inversion: one new token "<sks>" whose embedding row alone is trained, its embedding file
-    full     full fine-tuning of the attention projections, the changed weights' file
-    svdiff   SVDiff's spectral shifts (arXiv 2303.11305): W = U diag(relu(s + delta)) V^T, only delta trained
+    loldu     our LoLDU adapter on the UNet attention projections (loldu_sd; the trainer's own Trainable and file)
+    loldu_r8  the same at rank 8
+    lora      LoRA r=4 through peft as diffusers' train_dreambooth_lora.py adds it (unet.add_adapter), its LoRA file
+    lora_r16  LoRA r=16, a stronger baseline
+    ti        textual inversion: one new token "<sks>" whose embedding row alone is trained, its embedding file
+    full      full fine-tuning of the attention projections, the changed weights' file
+    svdiff    SVDiff's spectral shifts (arXiv 2303.11305): W = U diag(relu(s + delta)) V^T, only delta trained
+    loldu_ti  LoLDU plus one trained token embedding
+
+A variant is a method with learning options (OPTIONS): `variant("loldu_s05=loldu:sigma0=0.5,warmup=0")`.
 """
 from __future__ import annotations
 
 import argparse
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,28 +30,13 @@ from torch import nn
 
 from loldu_sd.model import find_targets
 from loldu_sd.toyworld.concepts import IDENTIFIER, Concept
+from loldu_sd.training.step import Trainable, loldu_trainable
 
 TI_TOKEN = "<sks>"
-
-
-@dataclass
-class Trainable:
-    """What one method trains: parameters, modules in training mode, after-step hooks and the files it ships."""
-
-    params: list[nn.Parameter] = field(default_factory=list)
-    trained: dict[str, nn.Module] = field(default_factory=dict)  # the trainer's "trained components" (Conditioner)
-    after_step: list[Callable[[], None]] = field(default_factory=list)
-    savers: list[Callable[[Path], Path]] = field(default_factory=list)
-
-    def merge(self, other: Trainable) -> Trainable:
-        """Both parts trained together (LoLDU plus a token embedding)."""
-        return Trainable(self.params + other.params, {**self.trained, **other.trained},
-                         self.after_step + other.after_step, self.savers + other.savers)
-
-    def save(self, folder: Path) -> int:
-        """Write the shipped files into `folder`; their total size in bytes."""
-        folder.mkdir(parents=True, exist_ok=True)
-        return sum(saver(folder).stat().st_size for saver in self.savers)
+# LoLDU's module groups (option modules=attn+ff+te): names inside the UNet's transformer blocks
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+TEXT_FEED_FORWARD = ("mlp.fc1", "mlp.fc2")  # the CLIP text encoder's
 
 
 def targets(args: argparse.Namespace) -> list[str]:
@@ -53,21 +44,54 @@ def targets(args: argparse.Namespace) -> list[str]:
     return [t.strip() for t in args.target_modules.split(",") if t.strip()]
 
 
-def add_loldu(models, args: argparse.Namespace, concept: Concept) -> Trainable:
-    """LoLDU on the UNet, built as the trainer builds it (loldu_config of the flags), saved as the trainer saves it."""
-    from loldu_sd.diffusers import add_loldu_to_unet, save_pipeline_adapter
-    from loldu_sd.model import cast_loldu_parameters, loldu_parameters, project_loldu_
+def _loldu_configs(args: argparse.Namespace) -> tuple:
+    """The trainer's LoLDUConfig of the flags for the UNet and for the text encoder, both widened to the
+    feed-forward layers when the modules option asks for them."""
+    from loldu_sd.config import LoLDUConfig
+    from loldu_sd.presets import PRESETS
     from loldu_sd.training import loldu_config
 
-    components = {"unet": add_loldu_to_unet(models.unet, loldu_config(args))}
+    config = loldu_config(args)
+    wide = "ff" in getattr(args, "loldu_modules", ("attn",))
+
+    def with_targets(names: list[str]) -> LoLDUConfig:
+        pattern = rf".*\.(?:{'|'.join(re.escape(t) for t in names)})"  # a regex matches outside attention too
+        return LoLDUConfig.from_dict({**config.to_dict(), "target_modules": pattern if wide else names})
+
+    return (with_targets([*config.target_modules, *(FEED_FORWARD if wide else ())]),
+            with_targets([*PRESETS["clip-text"], *(TEXT_FEED_FORWARD if wide else ())]))
+
+
+def _decay_to_base(params: list[nn.Parameter], rate: float) -> Callable[[float], None]:
+    """Decoupled weight decay toward the values at the start (z0, sigma0), not toward 0 as AdamW's."""
+    start = [p.detach().clone() for p in params]
+
+    def pull(lr: float) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.sub_(p - p0, alpha=lr * rate)
+
+    return pull
+
+
+def add_loldu(models, args: argparse.Namespace, concept: Concept) -> Trainable:
+    """LoLDU as the trainer adds it (its Trainable and file); options: text encoder, feed-forward, decay to base."""
+    from loldu_sd.diffusers import add_loldu_to_text_encoder, add_loldu_to_unet
+    from loldu_sd.model import cast_loldu_parameters
+
+    unet_config, text_config = _loldu_configs(args)
+    components = {"unet": add_loldu_to_unet(models.unet, unet_config)}
+    if args.train_text_encoder:
+        components["text_encoder"] = add_loldu_to_text_encoder(models.text_encoder, text_config)
     cast_loldu_parameters(components, torch.float32)
-    return Trainable(loldu_parameters(components), components, [lambda: project_loldu_(components)],
-                     [lambda folder: save_pipeline_adapter(folder, components,
-                                                           base_model=args.pretrained_model_name_or_path)])
+    trainable = loldu_trainable(components, args.pretrained_model_name_or_path)
+    if getattr(args, "decay_to_base", 0.0):  # before the projection, so the bounds still hold after it
+        trainable.after_step.insert(0, _decay_to_base(trainable.params, args.decay_to_base))
+    return trainable
 
 
 def add_lora(models, args: argparse.Namespace, concept: Concept, rank: int = 4) -> Trainable:
-    """LoRA r=4, alpha=4, gaussian init on the same projections, exactly as train_dreambooth_lora.py configures it."""
+    """LoRA (r=4 unless `rank`), alpha = r, gaussian init on the same projections, as train_dreambooth_lora.py."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -103,7 +127,7 @@ def add_token(models, args: argparse.Namespace, concept: Concept) -> Trainable:
     # the other rows get gradients too (the prompt uses them): zero them, so clipping sees the new row alone
     weight.register_hook(lambda grad: grad.masked_fill(others[:, None], 0.0))
 
-    def restore() -> None:
+    def restore(lr: float) -> None:
         with torch.no_grad():  # AdamW's decoupled weight decay moves every row; put the others back
             weight[others] = frozen[others]
 
@@ -175,9 +199,40 @@ def add_svdiff(models, args: argparse.Namespace, concept: Concept) -> Trainable:
 Part = Callable[[object, argparse.Namespace, Concept], Trainable]
 
 
+def _none_or_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    groups = tuple(text.split("+"))
+    if "conv" in groups:
+        raise ValueError("modules=conv: LoLDU adapts nn.Linear layers only; the UNet's convolutions need a LoLDU "
+                         "convolution layer in loldu_sd first")
+    if "attn" not in groups or not set(groups) <= {"attn", "ff", "te"}:
+        raise ValueError(f"modules={text}: expected attn, optionally +ff and +te (e.g. attn+ff+te)")
+    return groups
+
+
+# a run's learning options: name -> (what it means, how it sets the parsed trainer flags)
+OPTIONS: dict[str, tuple[str, Callable[[argparse.Namespace, str], None]]] = {
+    "warmup": ("learning-rate warm-up steps (--lr_warmup_steps)",
+               lambda a, v: setattr(a, "lr_warmup_steps", int(v))),
+    "wd": ("AdamW weight decay toward 0 (--adam_weight_decay)", lambda a, v: setattr(a, "adam_weight_decay", float(v))),
+    "sigma0": ("LoLDU's initial sigma (alpha = sigma0 x rank); below sigma_max it can grow",
+               lambda a, v: setattr(a, "alpha", float(v) * a.rank)),
+    "sigma_max": ("LoLDU's bound on sigma, or 'none' to lift it",
+                  lambda a, v: setattr(a, "sigma_max", _none_or_float(v))),
+    "decay_to_base": ("weight decay of this rate toward the starting values (z0, sigma0) in place of AdamW's",
+                      lambda a, v: (setattr(a, "decay_to_base", float(v)), setattr(a, "adam_weight_decay", 0.0))),
+    "modules": ("what LoLDU adapts: attn (the default), +ff (feed-forward), +te (text encoder)",
+                lambda a, v: (setattr(a, "loldu_modules", _modules(v)),
+                              setattr(a, "train_text_encoder", "te" in _modules(v)))),
+}
+
+
 @dataclass(frozen=True)
 class Method:
-    """A benchmarked method: its parts, default learning-rate grid, extra trainer flags and prompt token."""
+    """A benchmarked method: its parts, default learning-rate grid, extra trainer flags, prompt token and options."""
 
     name: str
     parts: tuple[Part, ...]
@@ -185,6 +240,7 @@ class Method:
     about: str
     flags: tuple[str, ...] = ()
     token: str = IDENTIFIER
+    options: tuple[tuple[str, str], ...] = field(default=())
 
     def build(self, models, args: argparse.Namespace, concept: Concept) -> Trainable:
         """Add every part to the loaded models (in place); what to train."""
@@ -197,11 +253,44 @@ class Method:
         """`text` with the identifier this method learns ('sks', or the new token of textual inversion)."""
         return re.sub(rf"\b{IDENTIFIER}\b", self.token, text)
 
+    def apply_options(self, args: argparse.Namespace) -> argparse.Namespace:
+        """The parsed trainer flags with this method's options set (in place)."""
+        for key, value in self.options:
+            OPTIONS[key][1](args, value)
+        return args
+
+    def definition(self) -> dict:
+        """What decides this method's numbers (a committed run is reused only while it is the same)."""
+        return {"parts": [getattr(p, "func", p).__name__ + (f"{p.keywords}" if isinstance(p, partial) else "")
+                          for p in self.parts], "flags": list(self.flags), "token": self.token,
+                "options": dict(self.options)}
+
+
+def variant(spec: str, methods: dict[str, Method]) -> Method:
+    """A method from 'NAME=METHOD:key=value,key=value' (OPTIONS' keys); ValueError naming the problem."""
+    name, _, rest = spec.partition("=")
+    base, _, opts = rest.partition(":")
+    if not re.fullmatch(r"[a-z0-9_]+", name) or name in methods:
+        raise ValueError(f"--variant {spec}: NAME must be new and of a-z, 0-9, _ (e.g. loldu_s05)")
+    if base not in methods:
+        raise ValueError(f"--variant {spec}: {base!r} is not a method ({', '.join(methods)})")
+    pairs = tuple(tuple(o.split("=", 1)) for o in opts.split(",") if o)
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in OPTIONS:
+            raise ValueError(f"--variant {spec}: options are KEY=VALUE with KEY one of {', '.join(OPTIONS)}")
+        try:
+            OPTIONS[pair[0]][1](argparse.Namespace(rank=1), pair[1])
+        except ValueError as e:
+            raise ValueError(f"--variant {spec}: {e}") from None
+    about = f"{methods[base].about}; " + ", ".join(f"{k}={v}" for k, v in pairs)
+    return replace(methods[base], name=name, about=about, options=methods[base].options + pairs)
+
 
 METHODS = {m.name: m for m in (
     Method("loldu", (add_loldu,), (1e-3, 3e-3, 1e-2), "LoLDU r=32, the paper's settings (the trainer's defaults)"),
     Method("loldu_r8", (add_loldu,), (1e-3, 3e-3, 1e-2), "LoLDU r=8", ("--rank", "8")),
     Method("lora", (add_lora,), (1e-4, 1e-3, 1e-2), "LoRA r=4 through peft (diffusers' DreamBooth LoRA)"),
+    Method("lora_r16", (partial(add_lora, rank=16),), (1e-4, 1e-3, 1e-2), "LoRA r=16 through peft"),
     Method("ti", (add_token,), (5e-4, 5e-3, 5e-2), "textual inversion: one new token embedding", token=TI_TOKEN),
     Method("full", (add_full,), (1e-5, 1e-4, 1e-3), "full fine-tuning of the attention projections"),
     Method("svdiff", (add_svdiff,), (1e-3, 1e-2, 1e-1), "SVDiff spectral shifts on the attention projections"),

@@ -1,5 +1,6 @@
-"""The quality benchmark (eval.quality): what each method trains and ships, LoLDU equal to the trainer, the winner
-rule and gate arithmetic, the writers, bad input, and 2 processes equal to 1 (here and in `python -m eval dreambooth`).
+"""The quality benchmark (eval.quality): what each method trains and ships, the codec ceiling, runs keyed by hash and
+reused, the report rebuilt from committed runs alone, the gate's arithmetic and reasons, the README block, bad input,
+and 2 processes equal to 1 (here and in `python -m eval dreambooth`).
 
 Runs use the tiny random pipeline (loldu_sd.testing) with the toy world's concept photos and judges: the numbers
 mean nothing, only their equality and bookkeeping are checked.
@@ -13,14 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("peft")
-from eval import quality, quality_report  # noqa: E402
-from eval.methods import METHODS, TI_TOKEN  # noqa: E402
+from eval import quality, quality_report, quality_store  # noqa: E402
+from eval.ceiling import codec_ceiling, codec_round_trip  # noqa: E402
+from eval.methods import METHODS, TI_TOKEN, variant  # noqa: E402
 from eval.quality_run import BASE, Job, Settings, train, trainer_args  # noqa: E402
 from loldu_sd.model import find_targets  # noqa: E402
 from loldu_sd.testing import save_tiny_pipeline  # noqa: E402
+from loldu_sd.toyworld import JUDGES_DIR, PIPELINE_DIR  # noqa: E402
 from loldu_sd.toyworld.concepts import CONCEPTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +37,13 @@ def tiny_sd(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-sd", seed=0)
 
 
-def trained(tiny_sd, out, name, lr=1e-2, steps=2):
+def trained(tiny_sd, out, name, lr=1e-2, steps=2, methods=METHODS):
     """Build `name` on fresh models, train it `steps` steps; (models, trainable, args, values before, target shapes)."""
     from loldu_sd.training.models import load_models
 
-    method = METHODS[name]
-    args = trainer_args(Job("star", name, lr, 42), Settings(str(tiny_sd), out, (steps,), trainer_flags=QUICK), method)
+    method = methods[name]
+    settings = Settings(str(tiny_sd), work=out, steps=(steps,), trainer_flags=QUICK)
+    args = trainer_args(Job("star", name, lr, 42), settings, method)
     torch.manual_seed(42)
     models = load_models(args, torch.device("cpu"), torch.float32)
     shapes = [models.unet.get_submodule(n).weight.shape for n in find_targets(models.unet, ["to_q", "to_k", "to_v",
@@ -53,10 +57,11 @@ def trained(tiny_sd, out, name, lr=1e-2, steps=2):
 
 def test_each_method_trains_only_its_values_and_ships_its_file(tiny_sd, tmp_path):
     sizes = {}
-    for name in ("loldu", "loldu_r8", "lora", "ti", "full", "svdiff"):
+    for name in ("loldu", "loldu_r8", "lora", "lora_r16", "ti", "full", "svdiff"):
         models, trainable, args, before, shapes = trained(tiny_sd, tmp_path / name, name)
+        lora = sum(s[0] + s[1] for s in shapes)
         expected = {"loldu": sum(min(32, *s) + 1 for s in shapes), "loldu_r8": sum(min(8, *s) + 1 for s in shapes),
-                    "lora": sum(4 * (s[0] + s[1]) for s in shapes), "svdiff": sum(min(s) for s in shapes),
+                    "lora": 4 * lora, "lora_r16": 16 * lora, "svdiff": sum(min(s) for s in shapes),
                     "ti": models.text_encoder.get_input_embeddings().weight.numel()}
         if name in expected:
             assert sum(p.numel() for p in trainable.params) == expected[name], name
@@ -72,66 +77,150 @@ def test_each_method_trains_only_its_values_and_ships_its_file(tiny_sd, tmp_path
         else:
             assert all(not torch.equal(p, before[id(p)][1]) for p in trainable.params if p.numel() > 1), name
         sizes[name] = trainable.save(tmp_path / name / "files")
-    assert sizes["ti"] < sizes["loldu_r8"] < sizes["loldu"] < sizes["lora"] < sizes["full"]
+    assert sizes["ti"] < sizes["loldu_r8"] < sizes["loldu"] < sizes["lora"] < sizes["lora_r16"] < sizes["full"]
     assert sizes["svdiff"] < sizes["full"]
     assert set(load_file(str(tmp_path / "ti" / "files" / "learned_embeds.safetensors"))) == {TI_TOKEN}
 
 
-@pytest.mark.slow
-def test_the_loldu_run_is_what_train_dreambooth_writes(tiny_sd, tmp_path):
-    from loldu_sd.training import train_dreambooth
+def test_loldu_options_widen_the_modules_and_decay_toward_the_start(tiny_sd, tmp_path):
+    methods = {**METHODS}
+    methods["wide"] = variant("wide=loldu:modules=attn+ff+te,sigma0=0.5,sigma_max=none,decay_to_base=1", methods)
+    models, trainable, args, _, shapes = trained(tiny_sd, tmp_path, "wide", methods=methods)
+    assert args.alpha == 16 and args.sigma_max is None and args.adam_weight_decay == 0 and args.train_text_encoder
+    assert set(trainable.trained) == {"unet", "text_encoder"}
+    ff = find_targets(models.unet, ["ff.net.0.proj", "ff.net.2"])
+    assert ff and all(hasattr(models.unet.get_submodule(n), "loldu_adapters") for n in ff)
+    with pytest.raises(ValueError, match="modules=conv: LoLDU adapts nn.Linear layers only"):
+        variant("c=loldu:modules=attn+conv", methods)
+    with pytest.raises(ValueError, match="options are KEY=VALUE"):
+        variant("c=loldu:speed=2", methods)
 
-    _, trainable, args, _, _ = trained(tiny_sd, tmp_path / "ours", "loldu", steps=3)
-    ours = load_file(str(trainable.savers[0](tmp_path / "ours")))
-    args.output_dir = str(tmp_path / "trainer")
-    args.checkpointing_steps = 1000
-    theirs = load_file(str(train_dreambooth(args).adapter_path))
-    assert set(ours) == set(theirs)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert not torch.equal(ours["unet.loldu.z"], torch.zeros_like(ours["unet.loldu.z"]))
+
+def test_the_codec_ceiling_scores_the_round_tripped_photos():
+    from eval.scorer import Scorer
+    from eval.toyworld import concept_images
+    from loldu_sd.testing import tiny_pipeline
+
+    pipe, scorer, photos = tiny_pipeline(seed=0), Scorer.random_tiny(seed=0, device="cpu"), concept_images("star")
+    trips = codec_round_trip(pipe.vae, photos)
+    assert [t.size for t in trips] == [p.size for p in photos] and trips[0].tobytes() != photos[0].tobytes()
+    ceiling = codec_ceiling(pipe, "star", scorer)
+    assert ceiling == codec_ceiling(pipe.vae, "star", scorer)  # the pipeline's own VAE, the mode: deterministic
+    scores = scorer.score(trips, photos)
+    assert ceiling["dino"] == round(scores["dino"], 4) and ceiling["clip_i"] == round(scores["clip_i"], 4)
+    assert ceiling["fidelity"] == round((ceiling["dino"] + ceiling["clip_i"]) / 2, 4) and 0 < ceiling["psnr"] < 60
 
 
-def record(concept, method, lr, seed, rows, real=None):
-    """A hand-made run record: rows = {step: (dino, clip_i, clip_t, prior)}."""
-    steps = {str(s): {"dino": d, "clip_i": c, "clip_t": t, "prior": p, "fidelity": (d + c) / 2, "size": 100}
+def record(concept, method, lr, seed, rows, real=None, ceiling=None):
+    """A hand-made run record: rows = {step: (dino, clip_i, clip_t, prior)}; base runs add photos and ceiling."""
+    steps = {str(s): {"dino": d, "clip_i": c, "clip_t": t, "prior": p, "fidelity": round((d + c) / 2, 4), "size": 100}
              for s, (d, c, t, p) in rows.items()}
     out = {"job": {"concept": concept, "method": method, "lr": lr, "seed": seed}, "steps": steps}
-    return {**out, "real": {"dino": real[0], "clip_i": real[1]}} if real else out
+    if real:
+        out["real"] = {"dino": real[0], "clip_i": real[1], "fidelity": round(sum(real) / 2, 4)}
+        out["ceiling"] = {"dino": ceiling[0], "clip_i": ceiling[1], "fidelity": round(sum(ceiling) / 2, 4)}
+    return out
 
 
-def test_winner_rule_and_gate_arithmetic():
-    recs = [record("star", BASE, 0.0, 0, {0: (0.2, 0.2, 0.5, 1.0)}, real=(0.8, 0.6)),  # fidelity 0.2 -> photos 0.7
-            # lr 1e-2 fits best but breaks the prior; 1e-3 is the winner: gap closed (0.55 - 0.2) / 0.5 = 0.7
-            record("star", "lora", 1e-2, 0, {1: (0.9, 0.7, 0.5, 0.5)}),
-            record("star", "lora", 1e-3, 0, {1: (0.6, 0.5, 0.46, 0.95)}),
-            record("star", "full", 1e-3, 0, {1: (0.5, 0.4, 0.5, 0.95)}),  # closed 0.5: FAIL
-            record("star", "full", 1e-3, 1, {1: (0.5, 0.4, 0.40, 0.95)})]  # and CLIP-T 0.45 < 0.9 x 0.5
-    s = quality_report.summarise(recs, ["lora", "full"], (1,))
+def grid_records(full_concepts=tuple(CONCEPTS)):
+    """Base 0.2 and ceiling 0.7 on every concept (gap 0.5). LoRA passes 3 of 4 concepts; full 2 (or is missing)."""
+    recs = [record(c, BASE, 0.0, 0, {0: (0.2, 0.2, 0.5, 1.0)}, real=(0.9, 0.9), ceiling=(0.8, 0.6)) for c in CONCEPTS]
+    for c in CONCEPTS:
+        recs.append(record(c, "lora", 1e-2, 0, {1: (0.9, 0.9, 0.5, 0.5)}))  # the best fit, but the prior broke
+        recs.append(record(c, "lora", 1e-3, 0, {1: (0.25, 0.25, 0.5, 0.95) if c == "eye" else (0.6, 0.5, 0.5, 0.95)}))
+    full = {"star": (0.6, 0.5, 0.5, 0.9), "disc": (0.6, 0.5, 0.5, 0.9), "checker": (0.6, 0.5, 0.5, 0.7),
+            "eye": (0.6, 0.5, 0.4, 0.9)}
+    recs += [record(c, "full", 1e-4, s, {1: full[c]}) for c in full_concepts for s in (0, 1)]
+    return recs
+
+
+def test_the_gate_needs_3_of_4_concepts_and_says_why_each_fails():
+    s = quality_report.summarise(grid_records(), ["lora", "full"], (1,))
     assert s["winners"]["lora"]["lr"] == 1e-3 and s["winners"]["lora"]["kept_base"]
-    assert s["gate"]["lora"]["star"] == {"pass": True, "closed": 0.7, "clip_t": 0.46, "base_clip_t": 0.5,
-                                         "prior": 0.95}
-    assert s["gate"]["full"]["star"]["pass"] is False and s["gate"]["full"]["star"]["closed"] == 0.5
-    full = [r for r in s["table"] if r["method"] == "full"][0]
-    assert full["clip_t"] == {"mean": 0.45, "std": 0.0707, "n": 2}
-    lines = quality_report.gate_lines(s)
-    assert lines[0].startswith("gate lora  star     PASS") and "FAIL" in lines[1]
+    lora, full = s["gate"]["methods"]["lora"], s["gate"]["methods"]["full"]
+    assert lora["concepts"]["star"] == {"pass": True, "closed": 0.7, "prior": 0.95, "clip_t": 0.5, "base_clip_t": 0.5,
+                                        "seeds": 1, "reasons": []}
+    assert lora["concepts"]["eye"]["reasons"] == ["gap closed 0.10 < 0.60"] and lora["passed"] == 3
+    assert full["concepts"]["checker"]["reasons"] == ["prior 0.70 < 0.80"] and full["concepts"]["checker"]["seeds"] == 2
+    assert full["concepts"]["eye"]["reasons"] == ["CLIP-T* 0.400 < 0.9 x base 0.500"] and full["passed"] == 2
+    assert s["gate"]["pass"] is False
+    assert s["gate"]["verdict"] == "FAIL: lora 3 of 4 concepts; full 2 of 4 concepts (>= 3 needed)"
+    md = quality_report.gate_markdown(s)
+    assert "| full | checker | 0.70 | 0.700 | 0.500 (0.500) | 2 | FAIL: prior 0.70 < 0.80 |" in md
+    incomplete = quality_report.summarise(grid_records(("star", "disc", "checker")), ["lora", "full"], (1,))
+    assert incomplete["gate"]["verdict"] == "incomplete: no runs of full/eye" and not incomplete["gate"]["pass"]
 
 
-def test_writers_table_json_chart_and_grid(tmp_path):
-    recs = [record("star", BASE, 0.0, 0, {0: (0.2, 0.2, 0.5, 1.0)}, real=(0.8, 0.6)),
-            record("star", "loldu", 1e-2, 42, {1: (0.3, 0.3, 0.5, 0.99), 2: (0.4, 0.35, 0.5, 0.98)})]
-    for key in ("star/base/step0.png", "star/loldu/lr0.01-seed42/step2.png"):
-        (tmp_path / "runs" / key).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (128, 64), "red").save(tmp_path / "runs" / key)
-    settings = Settings("pipe", tmp_path, (1, 2), prompts_limit=2)
-    quality.write_outputs(recs, settings, ["loldu"], {"loldu": (1e-2,)})
-    md = (tmp_path / "quality.md").read_text()
-    assert "| loldu | 0.01 | 2 | 0.400 ± 0.000 | 0.350 ± 0.000 | 0.500 ± 0.000 | 0.980 ± 0.000 | 0.350 ± 0.000 |" in md
-    assert "| concept images |" in md and "| base model |" in md and "100 B" in md
-    saved = json.loads((tmp_path / "quality.json").read_text())
-    assert saved["winners"]["loldu"]["lr"] == 0.01 and len(saved["runs"]) == 2 and saved["lr_grids"]["loldu"]
-    assert Image.open(tmp_path / "grid_star.png").size == (120 + 2 * 96, 28 + 2 * 96)
-    assert (tmp_path / "quality.png").stat().st_size > 1000
+def report_flags(tmp_path):
+    return ["--pretrained_model_name_or_path", str(PIPELINE_DIR), "--judges", str(JUDGES_DIR), "--steps", "1",
+            "--prompts_limit", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+
+
+def commit(records, tmp_path, settings, world):
+    """Write hand-made records as committed runs of `world` (with a strip each), as run_job lays them out."""
+    for r in records:
+        r = {**r, "settings": settings.record(), "world": world, "method": None}
+        r["key"] = quality_store.run_key({k: r[k] for k in ("job", "settings", "method", "world")})
+        folder = quality_store.run_folder(tmp_path / "runs", r["job"], r["key"])
+        quality_store.write_record(folder, r)
+        Image.new("RGB", (128, 64), "red").save(folder / "strip.png")
+
+
+def test_the_report_is_rebuilt_from_the_committed_runs_alone_and_writes_the_readme_block(tmp_path):
+    flags = report_flags(tmp_path)
+    settings, _ = quality.check(quality.build_parser().parse_args(flags))
+    world = quality_store.world_digest(PIPELINE_DIR, JUDGES_DIR)
+    commit(grid_records(), tmp_path, settings, world)
+    commit([record("star", "lora", 1e-3, 5, {1: (0.9, 0.9, 0.5, 0.95)})], tmp_path, settings,
+           {**world, "pipeline": "another"})  # another pipeline's run: stale, left out
+    assert quality.main(["--report", *flags]) == 0
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "| codec round trip (ceiling) |  |  | 0.800 ± 0.000 | 0.600 ± 0.000 |" in md
+    assert "| lora | 0.001 | 1 | 0.512 ± 0.175 | 0.438 ± 0.125 | 0.500 ± 0.000 | 0.950 ± 0.000 | 0.550 ± 0.300 |" in md
+    assert "(1 others left out" in md and "**Gate: FAIL: lora 3 of 4 concepts; full 2 of 4" in md
+    saved = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert saved["world"] == world and len(saved["runs"]) == 4 + 8 + 8 and not saved["gate"]["pass"]
+    assert all(not Path(r["folder"]).is_absolute() for r in saved["runs"])
+    assert Image.open(tmp_path / "out" / "grid_eye.png").size == (120 + 2 * 96, 28 + 3 * 96)
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 1000
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\nrest\n")
+    assert quality.main(["--readme", str(readme), *flags]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- quality-table:begin -->\n")
+    assert text.endswith("<!-- quality-table:end -->\nrest\n")
+    assert "| lora | 0.001 | 0.475 | 0.55 | 0.950 | 0.500 | 100 |" in text and "Gate: FAIL: lora 3 of 4" in text
+    assert "old" not in text
+
+
+def test_a_committed_run_is_reused_only_under_its_key(tiny_sd, tmp_path):
+    settings = Settings(str(tiny_sd), runs=tmp_path / "runs", steps=(1,), prompts_limit=2)
+    world = quality_store.world_digest(tiny_sd, JUDGES_DIR)
+    job = Job("star", "loldu", 1e-3, 0)
+    from eval.quality_run import identity
+
+    key = quality_store.run_key(identity(job, settings, world))
+    folder = quality_store.run_folder(settings.runs, {"concept": "star", "method": "loldu", "lr": 1e-3, "seed": 0}, key)
+    quality_store.write_record(folder, {"key": key, "steps": {"1": {"fidelity": 0.5, "prior": 1.0}}})
+    # reused: no scorer is needed (None would fail at once if it ran)
+    assert quality.run_or_reuse(job, settings, None, world, False)["key"] == key
+    for other in (identity(Job("star", "loldu", 1e-3, 1), settings, world),
+                  identity(job, Settings(str(tiny_sd), steps=(2,), prompts_limit=2), world),
+                  identity(job, settings, {**world, "judges": "x"}),
+                  {**identity(job, settings, world), "method": METHODS["loldu_r8"].definition()}):
+        assert quality_store.run_key(other) != key
+    weights = next(Path(tiny_sd).rglob("*.safetensors"))
+    before = quality_store.folder_digest(tiny_sd)
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(tiny_sd, copy)
+    save_file(tensors, str(copy / weights.relative_to(tiny_sd)))
+    assert quality_store.folder_digest(copy) != before
+    assert quality_store.folder_digest(tiny_sd) == before
 
 
 def test_bad_input_is_one_line_and_status_2(tiny_sd, tmp_path, capsys):
@@ -141,7 +230,8 @@ def test_bad_input_is_one_line_and_status_2(tiny_sd, tmp_path, capsys):
                            (["--steps", "ten"], "--steps: expected whole numbers"),
                            (["--lr", "lora=fast"], "--lr lora=fast: expected METHOD=LR"),
                            (["--methods", "ti", "--lr", "lora=1e-3"], "'lora' is not one of the --methods"),
-                           (["--trainer_args=--with_prior_preservation"], "is not supported by the benchmark")):
+                           (["--trainer_args=--with_prior_preservation"], "is not supported by the benchmark"),
+                           (["--variant", "x=lora:sigma0=fast"], "--variant x=lora:sigma0=fast: could not convert")):
         assert quality.main(base + extra) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
