@@ -1,14 +1,14 @@
 """The embedded toy world: a genuinely pretrained text-to-image pipeline, its judges and held-out concepts.
 
-Everything here was trained by `python -m loldu_sd.toyworld.pretrain` on 2 CPU cores and is committed under
-assets/toyworld (fp16 safetensors), so it loads offline:
+Everything here was trained by `python -m research.toyworld.pretrain` (in the repository, not installed) and is
+committed under assets/toyworld (fp16 safetensors), so it loads offline:
 
     from loldu_sd.toyworld import GUIDANCE_SCALE, load_pipeline
     pipe = load_pipeline()                       # a real StableDiffusionPipeline, 64x64 images
     pipe("a photo of a red star on a blue background", guidance_scale=GUIDANCE_SCALE).images[0]
 
 Modules: world (scenes, rendering, captions), concepts (held-out DreamBooth subjects), models (component configs),
-pretrain (the training command), judges (instance encoder and image-text model for `eval --backbones toyworld`).
+judges (instance encoder and image-text model for `eval --backbones toyworld`).
 """
 from __future__ import annotations
 

@@ -71,27 +71,28 @@ def toy_tokenizer():
     return clip_tokenizer(bpe_merges(vocabulary_words()), MAX_LENGTH, EOS, "loldu-sd/toyworld-tokenizer")
 
 
-def build_unet(seed: int = 0):
-    """A 3-level UNet2DConditionModel on 16x16x8 latents; self- and cross-attention at 16x16, 8x8 and 4x4."""
+def build_unet(seed: int = 0, latent_channels: int | None = None):
+    """A 3-level UNet2DConditionModel on 16x16 latents; self- and cross-attention at 16x16, 8x8 and 4x4."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
+    channels = latent_channels or LATENT_CHANNELS
     return UNet2DConditionModel(
-        sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
 
 
-def build_vae(seed: int = 0):
-    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16x8 latents (x4 downsampling)."""
+def build_vae(seed: int = 0, latent_channels: int | None = None):
+    """A 3-level AutoencoderKL: 64x64x3 images <-> 16x16 latents (x4 downsampling)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels or LATENT_CHANNELS,
                          block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=32, sample_size=64)

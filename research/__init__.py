@@ -1,0 +1,1 @@
+"""Research tools that are not part of the installed library (run from the repository: `python -m research...`)."""
