@@ -165,11 +165,17 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
                                    "pipe.load_lora_weights(...) instead")
         raise LoLDUFormatError(f"{path}: not a LoLDU adapter (no format='loldu' in its metadata)")
     version = meta.get("format_version", "")
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit() and len(version) <= 6):  # isdigit() alone accepts "²"
         raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (format_version {version!r} is not a number)")
     if int(version) > FORMAT_VERSION:
         raise LoLDUFormatError(f"{path}: LoLDU format version {version} is newer than this loldu-sd reads "
                                f"({FORMAT_VERSION}); upgrade loldu-sd")
+    for key, tensor in tensors.items():  # values stored as int or bool, pivots as floats: truncated or misread
+        if ".loldu." in f".{key}":
+            whole = key.endswith("loldu.pivots")
+            if tensor.is_floating_point() == whole or tensor.dtype == torch.bool or tensor.is_complex():
+                raise LoLDUFormatError(f"{path}: corrupted: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                       f"not {'an integer' if whole else 'a floating-point'} tensor")
     return tensors, meta
 
 
@@ -273,6 +279,8 @@ def _layer_list_problem(layers) -> str | None:
     """Why a file's `layers` metadata is malformed (see the module docstring), or None."""
     if not isinstance(layers, dict):
         return f"layers is {type(layers).__name__}, not a JSON object"
+    if not layers or [] in layers.values():  # an adapter of no layer would "load" and change nothing
+        return "layers lists a component without layers" if layers else "layers lists no layer"
     for comp, entries in layers.items():
         if not isinstance(entries, list) or not all(
                 isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int and e[1] >= 1
@@ -290,6 +298,8 @@ def parse_metadata(path: str | Path, meta: dict[str, str]) -> tuple[LoLDUConfig,
     try:
         config = LoLDUConfig.from_dict(json.loads(meta["config"]))
         layers = json.loads(meta["layers"])
+    except RecursionError:
+        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (JSON nested too deeply)") from None
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({type(e).__name__}: {e})") from None
     problem = _layer_list_problem(layers)
