@@ -375,7 +375,7 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
     path = Path(path)
     tensors, meta = read_adapter_file(path)
     comps = components(modules)
-    name = adapter_name or meta.get("adapter_name") or "default"
+    name = (meta.get("adapter_name") or "default") if adapter_name is None else adapter_name  # "" is refused below
     problem = adapter_name_problem(name)
     if problem:
         raise LoLDUFormatError(f"{path}: adapter name {name!r} {problem}; pass adapter_name=... to load it")

@@ -61,3 +61,10 @@ def test_hostile_metadata_and_tensor_types_are_one_line_and_change_nothing(case,
 def test_the_untouched_file_still_loads(adapter, tiny_net):
     tensors, meta = read_adapter_file(adapter)
     assert json.loads(meta["layers"]) and load_loldu(adapter, tiny_net()) is not None
+
+
+def test_an_empty_adapter_name_is_refused_not_replaced_by_the_files(adapter, tiny_net):
+    net = tiny_net()
+    with pytest.raises(LoLDUFormatError, match=r"adapter name '' must be a non-empty string") as e:
+        load_loldu(adapter, net, adapter_name="")
+    assert "\n" not in str(e.value) and loldu_adapter_names(net) == []
