@@ -24,6 +24,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that would fail only after the scoring: an empty --prompt, an --out that is a file or not writable."""
+    import os
+
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the prompt the images were generated with, e.g. "
+                         "'a photo of sks dog'")
+    out = Path(args.out)
+    if not str(args.out).strip():
+        raise ValueError("--out is empty; give a folder for the results")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder; give a folder for the results")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot be created ({existing} is not a writable folder)")
+
+
 def run_score(args: argparse.Namespace) -> dict:
     """`score`: score a folder of generated images against a folder of reference photos; print and write results."""
     from .scorer import load_images, markdown_table, scorer_from_args, write_csv, write_json
@@ -122,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         if args.command == "score":
             run_score(args)
         elif args.command == "sanity":

@@ -41,7 +41,7 @@ def test_score_cli_writes_table_json_csv(tmp_path):
                     "--backbones", "random-tiny", "--device", "cpu", "--out", "out"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "| DINO | CLIP-I | CLIP-T |" in r.stdout and "mean nothing" in r.stdout
-    assert "skipping unreadable image" in r.stderr and "broken.png" in r.stderr
+    assert "broken.png: skipped, not a readable image" in r.stderr
     res = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert (res["n_generated"], res["n_reference"], res["variant"], res["identifier"]) == (3, 2, "cosine", "drop")
     assert all(-1 <= res[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
@@ -63,13 +63,28 @@ def test_score_cli_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["score", "--generated", str(tmp_path / "empty"), "--reference", str(ref), "--prompt", "x",
                  *common]) == 2
-    assert "no readable image in" in capsys.readouterr().err
+    assert "empty: is empty" in capsys.readouterr().err
     assert main(["score", "--generated", str(tmp_path / "nope"), "--reference", str(ref), "--prompt", "x",
                  *common]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "nope: no such folder" in capsys.readouterr().err
     assert main(["score", "--generated", str(gen), "--reference", str(ref), "--prompts", str(tmp_path / "no.txt"),
                  *common]) == 2
     assert "prompts file" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_or_an_out_that_is_a_file_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    import eval.scorer
+
+    gen = save_noise(tmp_path / "gen", ["1.png"])
+    (tmp_path / "taken").write_text("not a folder")
+    monkeypatch.setattr(eval.scorer, "scorer_from_args", lambda args: pytest.fail("scored before refusing"))
+    for flags, words in ((["--prompt", "  ", "--out", str(tmp_path / "out")], "error: --prompt is empty"),
+                         (["--prompt", "x", "--out", str(tmp_path / "taken")], "taken: is a file, not a folder"),
+                         (["--prompt", "x", "--out", str(tmp_path / "taken" / "sub")], "cannot be created")):
+        assert main(["score", "--generated", str(gen), "--reference", str(gen), *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    assert (tmp_path / "taken").read_text() == "not a folder" and not (tmp_path / "out").exists()
 
 
 def test_backbones_unavailable_offline_name_model_and_fix(tmp_path):
