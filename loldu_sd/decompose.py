@@ -18,9 +18,9 @@ copies' rounding.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,14 +31,22 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 @dataclass
 class LDUFactors:
-    """Frozen top-r LDU factors of one weight."""
+    """Frozen top-r LDU factors of one weight, and what the base check compares (see `fingerprint`)."""
 
     B: torch.Tensor  # (m, r)
     z0: torch.Tensor  # (r,)
     A: torch.Tensor  # (r, n)
     pivots: torch.Tensor  # (r,) int64: original row index chosen as pivot at each step
-    weight_norm: float  # ||W0||_F of the weight as given, for the fingerprint
+    weight_norm: float  # scale of W0 (weight_checksum): the unit of the update-size check
     roundoff: float = 0.0  # unit roundoff of the weight's dtype: how far another copy of this base may differ
+    checksum: float = 0.0  # signed, row-position-weighted sum of sampled rows of W0 (weight_checksum)
+    checksum_bound: float = 0.0  # the same sum of |terms|: rounding by u moves the checksum by at most u times it
+
+
+def leading_factors(factors: LDUFactors, rank: int) -> LDUFactors:
+    """The top-`rank` factors inside larger ones (factors are nested); the base-check fields are the weight's."""
+    return dataclasses.replace(factors, B=factors.B[:, :rank], z0=factors.z0[:rank], A=factors.A[:rank],
+                               pivots=factors.pivots[:rank])
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -46,21 +54,22 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
 
 
-@contextlib.contextmanager
-def lapack_threads(n: int = 1):
-    """Run the block with `n` torch threads, then restore the count.
+SAMPLE_STRIDE = 16  # the base check reads every 16th row of W0: a full read for ||W0|| was a quarter of init
 
-    The panel LU and triangular solve are small LAPACK calls: threads gain nothing on them, and on a machine whose
-    cores are busy with other work, oversubscribed OpenMP threads make them several times slower (eval.bench).
+
+def weight_checksum(weight: torch.Tensor) -> tuple[float, float, float]:
+    """(scale, checksum, bound) of W0 from every SAMPLE_STRIDE-th row: cheap, sign- and row-order-sensitive.
+
+    scale: ||sampled rows||_F * sqrt(stride), an estimate of ||W0||_F. checksum: sum_i u_i sum_j W_ij over the sampled
+    rows, with distinct row weights u_i in [1, 2), so negating W0 flips its sign and moving rows moves it. bound: the
+    same sum over |W_ij|; a copy rounded with unit roundoff u moves the checksum by at most u * bound.
     """
-    old = torch.get_num_threads()
-    if old != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if old != n:
-            torch.set_num_threads(old)
+    rows = weight.detach()[::SAMPLE_STRIDE].float()
+    index = torch.arange(0, weight.shape[0], SAMPLE_STRIDE, device=rows.device, dtype=torch.float64)
+    u = (torch.frac(index * 0.6180339887498949) + 1.0).float()  # golden-ratio steps: no two rows weigh alike
+    stats = torch.stack([rows.norm() * SAMPLE_STRIDE**0.5, u @ rows.sum(dim=1), u @ rows.abs().sum(dim=1)])
+    scale, checksum, bound = stats.tolist()  # one device sync
+    return scale, checksum, bound
 
 
 def _swaps_to_perm(piv: torch.Tensor, m: int) -> np.ndarray:
@@ -113,17 +122,23 @@ def _forced_panel_lu(panel: torch.Tensor, forced: int) -> tuple[torch.Tensor, np
 
 
 def _panel_lu(panel: torch.Tensor, pivots: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-major packed LU of the panel in elimination order, and that order (original row indices)."""
+    """Packed LU of the panel in elimination order, and that order (original row indices)."""
     m = panel.shape[0]
     lu, piv, _ = torch.linalg.lu_factor_ex(panel)  # info > 0 only flags an exact zero pivot
     perm = torch.from_numpy(_swaps_to_perm(piv.cpu(), m)).to(panel.device)
     forced = 0 if pivots is None else pivots.numel()
     if forced == 0 or torch.equal(perm[:forced].cpu(), pivots.cpu().long()):
-        return lu.contiguous(), perm  # LAPACK returns column-major; row-major makes tril and the row scatter fast
+        return lu, perm
     # a near-tie made partial pivoting choose other rows on this copy: force the given ones
     order = torch.from_numpy(_row_order(m, pivots, name)).to(panel.device)
     lu, sub = _forced_panel_lu(panel[order], forced)
     return lu, order[torch.from_numpy(sub).to(panel.device)]
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """A column-major copy: LAPACK's layout, so lu_factor and solve_triangular copy nothing more (and, on a busy
+    machine, start no threads for those copies)."""
+    return t.T.contiguous().T
 
 
 def top_r_ldu(
@@ -146,20 +161,23 @@ def top_r_ldu(
     if forced > rank:
         raise ValueError(f"{name}: {forced} forced pivots for rank {rank}")
     W = weight.detach()
-    weight_norm = float(torch.linalg.norm(W, dtype=dtype))
-    if not math.isfinite(weight_norm):
-        raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")
+    scale, checksum, bound = weight_checksum(W)
+    panel = _column_major(W[:, :rank].to(dtype))
+    if not (math.isfinite(scale) and math.isfinite(bound) and bool(torch.isfinite(panel).all())):
+        raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")  # in what the factors read
 
     # 1. panel LU: P^T W[:, :r] = L_panel U11 (the forced rows first)
-    lu, perm = _panel_lu(W[:, :rank].to(dtype), pivots, name)
+    lu, perm = _panel_lu(panel, pivots, name)
     L_panel = torch.tril(lu, diagonal=-1)
     L_panel[:rank].diagonal().fill_(1.0)  # unit lower (m, r)
     U11 = torch.triu(lu[:rank])  # (r, r)
 
     # 2. the rest of the first r rows of U: U12 = L11^-1 (P^T W)[:r, r:]
-    U12 = torch.linalg.solve_triangular(L_panel[:rank], W[perm[:rank], rank:].to(dtype), upper=False,
+    U12 = torch.linalg.solve_triangular(L_panel[:rank], _column_major(W[perm[:rank], rank:].to(dtype)), upper=False,
                                         unitriangular=True)
     U_rows = torch.cat([U11, U12], dim=1)  # (r, n)
+    if not bool(torch.isfinite(U12).all()):
+        raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")  # in a pivot row
 
     # 3. pivots; a (near-)zero pivot would divide by zero, so clamp it (documented in README). A clamped pivot
     # takes its row's max |u| (at least the floor): A's row then stays within [-1, 1] (a bare floor would give
@@ -178,10 +196,10 @@ def top_r_ldu(
     A = U_rows / z0[:, None]
 
     # 4. multipliers back in original row order: B = P L_panel
-    B = torch.empty_like(L_panel)
+    B = torch.empty_like(L_panel, memory_format=torch.contiguous_format)
     B[perm] = L_panel
-    return LDUFactors(B=B, z0=z0, A=A, pivots=perm[:rank].clone(), weight_norm=weight_norm,
-                      roundoff=unit_roundoff(W.dtype))
+    return LDUFactors(B=B, z0=z0, A=A, pivots=perm[:rank].clone(), weight_norm=max(scale, float(panel.norm())),
+                      roundoff=unit_roundoff(W.dtype), checksum=checksum, checksum_bound=bound)
 
 
 def legacy_pivots(weight: torch.Tensor, rank: int, canonical_dtype: str | None) -> torch.Tensor:
@@ -193,6 +211,11 @@ def legacy_pivots(weight: torch.Tensor, rank: int, canonical_dtype: str | None) 
     return torch.from_numpy(_swaps_to_perm(piv.cpu(), panel.shape[0])[:rank])
 
 
+FINGERPRINT_FIELDS = ("weight_scale", "sum_abs_z0", "roundoff", "checksum", "first_pivot")
+
+
 def fingerprint(f: LDUFactors) -> torch.Tensor:
-    """Compact float32 fingerprint of a base weight: (||W0||_F, sum|z0|, unit roundoff of the weight's dtype)."""
-    return torch.tensor([f.weight_norm, float(f.z0.abs().sum()), f.roundoff], dtype=torch.float32)
+    """Compact float32 fingerprint of a base weight, FINGERPRINT_FIELDS: W0's scale, sum|z0|, the unit roundoff of
+    W0's dtype, the signed row checksum (weight_checksum) and the signed first pivot (negating W0 flips both)."""
+    first = float(f.z0[0]) if f.z0.numel() else 0.0
+    return torch.tensor([f.weight_norm, float(f.z0.abs().sum()), f.roundoff, f.checksum, first], dtype=torch.float32)

@@ -1,10 +1,10 @@
 """Adapter files: safetensors only, a few kilobytes, validated before anything is changed.
 
 Layout, per component (prefix "" for a bare module, "unet." / "text_encoder." for a pipeline):
-    {prefix}loldu.z            float32 (sum of ranks,)   every layer's z, concatenated in the layer order below
-    {prefix}loldu.sigma        float32 (L,)
+    {prefix}loldu.dz           float32 (sum of ranks,)   every layer's change dz = z - z0, in the layer order below
+    {prefix}loldu.dsigma       float32 (L,)              every layer's change dsigma = sigma - sigma0
     {prefix}loldu.pivots       int16 (int32 past 32767 rows) (sum of ranks,)   rows eliminated at each step
-    {prefix}loldu.fingerprint  float32 (L, 3)            (||W0||_F, sum|z0|, unit roundoff of W0's dtype)
+    {prefix}loldu.fingerprint  float32 (L, 5)            decompose.FINGERPRINT_FIELDS of W0
     extra.{name}               optional extra tensors (e.g. a trained classification head)
 Metadata (str -> str): format="loldu", format_version, config (JSON), layers (JSON {component: [[name, rank]...]}),
 adapter_name, plus caller metadata (base model, ...). Packing per component keeps the JSON header small: the
@@ -12,7 +12,8 @@ per-layer-key alternative costs ~3x the bytes for the SD UNet (measured in eval.
 B, A, z0 are recomputed from the base weights on load: that is what keeps the file tiny. The pivot order makes that
 recomputation follow the base rather than its bit pattern: fp32, fp16 and bf16 copies of one base eliminate the same
 rows, so their factors differ only by the copies' rounding, and the fingerprint is checked with tolerances of that
-size. Version 1 files (no pivot order) load where their pivot checksum still matches and are refused otherwise.
+size. The update sigma0 dz + dsigma z (layer.change_diag) never involves sigma0 z0, so a copy's rounding of z0 only
+scales with the change. Versions 1 and 2 (absolute z and sigma) are read by loldu_sd.migration.
 """
 from __future__ import annotations
 
@@ -29,20 +30,26 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoLDUConfig
-from .decompose import LDUFactors, fingerprint, lapack_threads, legacy_pivots, top_r_ldu, unit_roundoff
-from .layer import LoLDULinear, adapter_name_problem, delta_ratio, ratio_problem
+from . import migration
+from .decompose import LDUFactors, fingerprint, leading_factors, top_r_ldu, unit_roundoff
+from .layer import LoLDULinear, adapter_name_problem, change_diag, delta_ratio, ratio_problem
 from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
                     loldu_layers, loldu_value_problem, merged_adapters, remove_loldu)
 
 FORMAT_NAME = "loldu"
-FORMAT_VERSION = 2
-# Base checks, relative, in units of (roundoff of the file's base + roundoff of the loaded base): ||W0|| of two
-# roundings of one weight differ by at most that sum; sum|z0| moved by < 1 unit on real and tiny weights; a stored
-# pivot row never loses its column to a row more than a few units larger (|multiplier| <= 1 on the source copy).
-# The floors cover float32 work on identical copies.
-NORM_UNITS, Z0_UNITS, MULTIPLIER_UNITS = 1.0, 8.0, 64.0
-NORM_FLOOR, Z0_FLOOR, MULTIPLIER_FLOOR = 1e-6, 1e-5, 1e-4
-LEGACY_CANONICAL = "float16"  # version 1 chose pivots on W0 rounded through this dtype (unless its config said None)
+FORMAT_VERSION = 3
+VALUE_KEYS = {**migration.VALUE_KEYS, 3: ("loldu.dz", "loldu.dsigma")}
+FINGERPRINT_COLUMNS = {**migration.FINGERPRINT_COLUMNS, 3: 5}
+# Base checks, relative, in units of (roundoff of the file's base + roundoff of the loaded base): norms and the
+# checksum of two roundings of one weight differ by at most that sum (times the checksum's bound); sum|z0| moved by
+# < 1 unit on real and tiny weights; a stored pivot row never loses its column to a row more than a few units larger
+# (|multiplier| <= 1 on the source copy). The floors cover float32 work (summation order) on identical copies.
+NORM_UNITS, Z0_UNITS, MULTIPLIER_UNITS = migration.NORM_UNITS, migration.Z0_UNITS, migration.MULTIPLIER_UNITS
+NORM_FLOOR, Z0_FLOOR, MULTIPLIER_FLOOR = migration.NORM_FLOOR, migration.Z0_FLOOR, migration.MULTIPLIER_FLOOR
+CHECKSUM_UNITS, CHECKSUM_FLOOR = 1.0, 1e-5
+# the unit roundoffs a fingerprint may name: anything else (a crafted 1e6, a negative value) is a corrupted file
+KNOWN_ROUNDOFFS = {float(torch.tensor(unit_roundoff(d), dtype=torch.float32))
+                   for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 LOLDU_WEIGHT_NAME = "pytorch_loldu_weights.safetensors"  # the file name in an adapter directory
 
 
@@ -91,11 +98,13 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-def layer_values(tensors: dict[str, torch.Tensor], component: str, ranks: list[int]
+def layer_values(tensors: dict[str, torch.Tensor], component: str, ranks: list[int], version: int = FORMAT_VERSION
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(z, sigma) of each layer of one component of an adapter file, in the file's layer order."""
+    """The stored values of each layer of one component, in the file's layer order: (dz, dsigma) in format 3,
+    the absolute (z, sigma) in formats 1-2 (migration.legacy_change converts them)."""
     p = _prefix(component)
-    return list(zip(tensors[p + "loldu.z"].split(ranks), tensors[p + "loldu.sigma"]))
+    values, scales = VALUE_KEYS[version]
+    return list(zip(tensors[p + values].split(ranks), tensors[p + scales]))
 
 
 def loldu_state_dict(modules: Components, adapter_name: str = "default", name_prefixes: dict[str, str] | None = None
@@ -108,8 +117,8 @@ def loldu_state_dict(modules: Components, adapter_name: str = "default", name_pr
         if not entries:
             continue
         p = _prefix(comp)
-        tensors[p + "loldu.z"] = torch.cat([a.z.detach().float().cpu() for _, a in entries])
-        tensors[p + "loldu.sigma"] = torch.stack([a.sigma.detach().float().cpu() for _, a in entries])
+        tensors[p + "loldu.dz"] = torch.cat([a.dz.detach().float().cpu() for _, a in entries])
+        tensors[p + "loldu.dsigma"] = torch.stack([a.dsigma.detach().float().cpu() for _, a in entries])
         pivots = torch.cat([a.pivots.cpu() for _, a in entries])
         tensors[p + "loldu.pivots"] = pivots.to(torch.int16 if int(pivots.max()) < 2**15 else torch.int32)
         tensors[p + "loldu.fingerprint"] = torch.stack([a.fingerprint() for _, a in entries])
@@ -179,49 +188,65 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
-def _check_base(path: Path, where: str, factors: LDUFactors, stored: torch.Tensor, file_roundoff: float) -> None:
+def _base_mismatch(head: str, what: str, here: float, stored: float) -> LoLDUBaseMismatchError:
+    return LoLDUBaseMismatchError(f"{head} has {what} {here:.6g} here vs {stored:.6g} in the file, more than the two "
+                                  "copies' rounding explains")
+
+
+def _check_base(path: Path, where: str, factors: LDUFactors, stored: torch.Tensor, file_roundoff: float,
+                version: int, weight: torch.Tensor) -> None:
     """Refuse, with the real reason, base weights that are not a precision copy of those the adapter was made on."""
     units = file_roundoff + factors.roundoff
-    mine = fingerprint(factors)
     head = f"{path}: made for a different base model: first mismatching layer {where}"
-    if not math.isclose(mine[0], stored[0], rel_tol=NORM_UNITS * units + NORM_FLOOR):
-        raise LoLDUBaseMismatchError(f"{head} has ||W0|| {float(mine[0]):.6g} here vs {float(stored[0]):.6g} in the "
-                                     "file, more than the two copies' rounding explains")
-    if not math.isclose(mine[1], stored[1], rel_tol=Z0_UNITS * units + Z0_FLOOR):
-        raise LoLDUBaseMismatchError(f"{head} has sum|z0| {float(mine[1]):.6g} here vs {float(stored[1]):.6g} in the "
-                                     "file, more than the two copies' rounding explains")
+    if version < 3:
+        migration.check_legacy_base(head, factors, stored, units, weight, LoLDUBaseMismatchError)
+    else:
+        mine = fingerprint(factors).tolist()
+        theirs = stored.tolist()
+        if not math.isclose(mine[0], theirs[0], rel_tol=NORM_UNITS * units + NORM_FLOOR):
+            raise _base_mismatch(head, "a weight scale", mine[0], theirs[0])
+        if not math.isclose(mine[1], theirs[1], rel_tol=Z0_UNITS * units + Z0_FLOOR):
+            raise _base_mismatch(head, "sum|z0|", mine[1], theirs[1])
+        if not abs(mine[3] - theirs[3]) <= (CHECKSUM_UNITS * units + CHECKSUM_FLOOR) * factors.checksum_bound:
+            raise _base_mismatch(head, "a row checksum (sign- and row-order-sensitive)", mine[3], theirs[3])
+        if not math.isclose(mine[4], theirs[4], rel_tol=Z0_UNITS * units + Z0_FLOOR):
+            raise _base_mismatch(head, "a first pivot", mine[4], theirs[4])
     multiplier = float(factors.B.abs().max())
     if not multiplier <= 1 + MULTIPLIER_UNITS * units + MULTIPLIER_FLOOR:  # NaN (0/0 at a zero pivot) fails too
         raise LoLDUBaseMismatchError(f"{head}: the file's pivot rows do not dominate their columns here (multiplier "
                                      f"{multiplier:.4g} > 1), so these are not the weights it was made on")
 
 
+def _file_roundoff(path: Path, where: str, value: float) -> float:
+    """The unit roundoff a fingerprint names, if it is one of a float dtype's: it sets the base check's tolerance."""
+    if value not in KNOWN_ROUNDOFFS:
+        raise LoLDUFormatError(f"{path}: corrupted base-model fingerprint at {where}: roundoff {value:g} is not the "
+                               "unit roundoff of fp64, fp32, fp16 or bf16")
+    return value
+
+
 def _layer_pivots(path: Path, where: str, weight: torch.Tensor, rank: int, version: int, pivots: torch.Tensor | None,
                   stored: torch.Tensor, canonical: str | None) -> tuple[torch.Tensor, float]:
     """The pivot rows to force for one layer, and the unit roundoff of the base the file was made on."""
-    if version >= 2:
-        rows = pivots.long()
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]
-                             or rows.unique().numel() != rows.numel()):
-            raise LoLDUFormatError(f"{path}: corrupted pivot order at {where}: rows must be distinct and below "
-                                   f"{weight.shape[0]}")
-        return rows, float(stored[2])
-    legacy = legacy_pivots(weight, rank, canonical)
-    if float(sum(k * p for k, p in enumerate(legacy.tolist(), 1))) % 16777213.0 != float(stored[2]):
-        raise LoLDUFormatError(
-            f"{path}: a format version 1 file made on another precision copy of this base (layer {where} pivots "
-            "on other rows here); load it on the copy it was made on and re-save it with save_loldu / "
-            f"pipe.save_loldu_weights to get format version {FORMAT_VERSION}, which loads on fp32, fp16 and bf16 alike")
-    return legacy, unit_roundoff(getattr(torch, canonical or "float32"))
+    if version == 1:
+        return migration.legacy_layer_pivots(path, where, weight, rank, stored, canonical, LoLDUFormatError,
+                                                FORMAT_VERSION)
+    rows = pivots.long()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]
+                         or rows.unique().numel() != rows.numel()):
+        raise LoLDUFormatError(f"{path}: corrupted pivot order at {where}: rows must be distinct and below "
+                               f"{weight.shape[0]}")
+    return rows, _file_roundoff(path, where, float(stored[2]))
 
 
 def _component_tensors(path: Path, tensors, comp: str, entries: list, version: int):
-    """z, sigma, fingerprint and pivots of one component, with their shapes checked against its layer list."""
+    """Values, scales, fingerprint and pivots of one component, with their shapes checked against its layer list."""
     p = _prefix(comp)
-    z, sigma, fp, piv = (tensors.get(p + k) for k in ("loldu.z", "loldu.sigma", "loldu.fingerprint", "loldu.pivots"))
+    z, sigma, fp, piv = (tensors.get(p + k) for k in (*VALUE_KEYS[version], "loldu.fingerprint", "loldu.pivots"))
     n_values, n_layers = sum(int(r) for _, r in entries), len(entries)
     if (z is None or sigma is None or fp is None or z.shape != (n_values,) or sigma.shape != (n_layers,)
-            or fp.shape != (n_layers, 3) or (version >= 2 and (piv is None or piv.shape != (n_values,)))):
+            or fp.shape != (n_layers, FINGERPRINT_COLUMNS[version])
+            or (version >= 2 and (piv is None or piv.shape != (n_values,)))):
         raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
     return z, sigma, fp, piv
 
@@ -231,12 +256,6 @@ def _module_name(name: str, modules: dict[str, nn.Module], prefix: str) -> str:
     if prefix and name.startswith(prefix) and name not in modules:
         return name[len(prefix):]
     return name
-
-
-def _leading(factors: LDUFactors, rank: int) -> LDUFactors:
-    """The top-`rank` factors inside larger ones (factors are nested)."""
-    return LDUFactors(factors.B[:, :rank], factors.z0[:rank], factors.A[:rank], factors.pivots[:rank],
-                      factors.weight_norm, factors.roundoff)
 
 
 def _decomposition(config: LoLDUConfig) -> tuple:
@@ -252,7 +271,7 @@ def resident_factors(layer: nn.Module, config: LoLDUConfig, rank: int, pivots: t
         if (a.rank >= rank and _decomposition(a.config) == _decomposition(config)
                 and torch.equal(a.pivots[:rank].cpu(), pivots.cpu())):
             return LDUFactors(layer.loldu_B[:, :rank], a.z0[:rank], layer.loldu_A[:rank], a.pivots[:rank],
-                              a.weight_norm, a.roundoff)
+                              a.weight_norm, a.roundoff, a.checksum, a.checksum_bound)
     return None
 
 
@@ -263,7 +282,7 @@ def base_factors(layer: nn.Module, config: LoLDUConfig, rank: int, where: str, p
     key = (where, *_decomposition(config))
     known = cache.get(key) if cache is not None else None
     if known is not None and known.B.shape[1] >= rank and torch.equal(known.pivots[:rank].cpu(), pivots.cpu()):
-        return _leading(known, rank)
+        return leading_factors(known, rank)
     factors = resident_factors(layer, config, rank, pivots)
     if factors is None:
         if isinstance(layer, LoLDULinear):
@@ -308,61 +327,86 @@ def parse_metadata(path: str | Path, meta: dict[str, str]) -> tuple[LoLDUConfig,
     return config, layers
 
 
+@dataclass
+class _FileView:
+    """What every layer of one load needs from the file."""
+
+    path: Path
+    config: LoLDUConfig
+    version: int
+    canonical: str | None  # format 1's pivot dtype
+
+
+def _plan_layer(f: _FileView, where: str, layer: nn.Module, rank: int, values: tuple, stored: torch.Tensor,
+                pivots: torch.Tensor | None, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor, LDUFactors]:
+    """(dz, dsigma, factors) of one layer, checked against this model without changing it."""
+    path, config = f.path, f.config
+    if not (torch.isfinite(values[0]).all() and torch.isfinite(values[1]) and torch.isfinite(stored).all()):
+        raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
+    if not isinstance(layer, nn.Linear):
+        raise LoLDUFormatError(f"{path}: target {where} is a {type(layer).__name__}, not a Linear layer")
+    expected = min(config.rank, layer.in_features, layer.out_features)
+    if rank != expected:
+        raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
+                               f"give {expected}")
+    weight = base_weight(layer)
+    pivots, file_roundoff = _layer_pivots(path, where, weight, rank, f.version, pivots, stored, f.canonical)
+    factors = base_factors(layer, config, rank, where, pivots, cache)
+    _check_base(path, where, factors, stored, file_roundoff, f.version, weight)  # first: the real reason
+    if isinstance(layer, LoLDULinear) and layer.pivot_conflict(pivots):
+        raise LoLDUFormatError(
+            f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
+            "other rows (made on another precision copy); load this adapter into a fresh model")
+    dz, dsigma = values if f.version >= 3 else migration.legacy_change(*values, factors.z0, config.sigma0)
+    s = change_diag(dz.to(factors.z0.device), dsigma.to(factors.z0.device), factors.z0, config.sigma0)
+    problem = ratio_problem(float(delta_ratio(s, factors.B, factors.A, factors.weight_norm)))
+    if problem:
+        raise LoLDUFormatError(f"{path}: layer {where} {problem}; the adapter is unusable")
+    return dz, dsigma, factors
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight W0 of a Linear or LoLDU layer (unmerged)."""
+    original = getattr(layer, "_loldu_original_weight", None)
+    return layer.weight if original is None else original
+
+
 def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_prefixes: dict[str, str] | None = None,
                cache: dict[tuple, LDUFactors] | None = None):
     """Check everything against the model without changing it.
 
-    Returns (config, [(comp, module name, z, sigma, factors)], {comp: its _submodules map}); the factors are computed
-    here with the file's pivot order forced, at most once per layer and rank (`cache`: factors kept between calls,
-    as base_factors takes it).
+    Returns (config, [(comp, module name, dz, dsigma, factors)], {comp: its _submodules map}); the factors are
+    computed here with the file's pivot order forced, at most once per layer and rank (`cache`: factors kept between
+    calls, as base_factors takes it). Files of formats 1-2 come out as the change they apply (loldu_sd.migration).
     """
     config, layers = parse_metadata(path, meta)
     raw_config = json.loads(meta["config"])  # version 1 files name their canonical dtype here
-    version, canonical = int(meta["format_version"]), raw_config.get("canonical_dtype", LEGACY_CANONICAL)
+    f = _FileView(path, config, int(meta["format_version"]),
+                  raw_config.get("canonical_dtype", migration.LEGACY_CANONICAL))
     plan, maps = [], {}
     for comp, entries in layers.items():
         if comp not in comps:
             raise LoLDUFormatError(f"{path}: adapter has layers for component {comp!r}, which this model lacks "
                                    f"(have {sorted(comps)})")
-        z, sigma, fp, piv = _component_tensors(path, tensors, comp, entries, version)
+        z, sigma, fp, piv = _component_tensors(path, tensors, comp, entries, f.version)
         if not torch.isfinite(fp).all():  # NaN compares unequal to everything: it would read as "other base model"
             raise LoLDUFormatError(f"{path}: corrupted: the base-model fingerprint of component {comp!r} holds NaN/inf")
         modules = maps[comp] = _submodules(comps[comp])
         ranks = [int(r) for _, r in entries]
         pivs = piv.split(ranks) if piv is not None else [None] * len(ranks)
         seen = set()
-        for i, ((name, rank), (zi, si), pi) in enumerate(zip(entries, layer_values(tensors, comp, ranks), pivs)):
-            rank = int(rank)
+        for i, ((name, rank), values, pi) in enumerate(zip(entries, layer_values(tensors, comp, ranks, f.version),
+                                                           pivs)):
             where = f"{comp}.{name}" if comp else name
             name = _module_name(name, modules, (name_prefixes or {}).get(comp, ""))
             if name in seen:  # listed with and without the checkpoint prefix: one layer twice
                 raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (layer {where} is listed twice)")
             seen.add(name)
-            if not (torch.isfinite(zi).all() and torch.isfinite(si) and torch.isfinite(fp[i]).all()):
-                raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
             layer = modules.get(name) if name else None
             if layer is None:
                 raise LoLDUFormatError(f"{path}: target layer {where} does not exist in this model "
                                        "(adapter made for another architecture)")
-            if not isinstance(layer, nn.Linear):
-                raise LoLDUFormatError(f"{path}: target {where} is a {type(layer).__name__}, not a Linear layer")
-            expected = min(config.rank, layer.in_features, layer.out_features)
-            if rank != expected:
-                raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
-                                       f"give {expected}")
-            pivots, file_roundoff = _layer_pivots(path, where, layer.weight, rank, version, pi, fp[i], canonical)
-            factors = base_factors(layer, config, rank, where, pivots, cache)
-            _check_base(path, where, factors, fp[i], file_roundoff)  # first: a different base is the real reason
-            if isinstance(layer, LoLDULinear) and layer.pivot_conflict(pivots):
-                raise LoLDUFormatError(
-                    f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
-                    "other rows (made on another precision copy); load this adapter into a fresh model")
-            dev = factors.B.device
-            s = si.to(dev).float() * zi.to(dev).float() - config.sigma0 * factors.z0[:rank].float()
-            problem = ratio_problem(float(delta_ratio(s, factors.B, factors.A, factors.weight_norm)))
-            if problem:
-                raise LoLDUFormatError(f"{path}: layer {where} {problem}; the adapter is unusable")
-            plan.append((comp, name, zi, si, factors))
+            plan.append((comp, name, *_plan_layer(f, where, layer, int(rank), values, fp[i], pi, cache)))
     return config, plan, maps
 
 
@@ -383,16 +427,15 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
         raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                "or delete that adapter first")
     fused = merged_adapters(comps)
-    with lapack_threads(1):
-        config, plan, maps = _plan_load(path, tensors, meta, comps, name_prefixes or {})
+    config, plan, maps = _plan_load(path, tensors, meta, comps, name_prefixes or {})
     try:
         layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
                   for comp, modules in maps.items()}
         with torch.no_grad():
-            for comp, layer_name, z, sigma, factors in plan:
+            for comp, layer_name, dz, dsigma, factors in plan:
                 adapter = layers[comp][layer_name].add_adapter(name, config, factors=factors, layer_name=layer_name)
-                adapter.z.copy_(z)
-                adapter.sigma.copy_(sigma)
+                adapter.dz.copy_(dz)
+                adapter.dsigma.copy_(dsigma)
     except BaseException:  # e.g. out of memory, Ctrl-C: take back what was added, unwrap what was wrapped
         for module in comps.values():
             remove_loldu(module, [name] if name in loldu_adapter_names(module) else [])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoLDUConfig
-from .decompose import LDUFactors, fingerprint, top_r_ldu
+from .decompose import LDUFactors, fingerprint, leading_factors, top_r_ldu
 
 
 def _init_z(cfg: LoLDUConfig, z0: torch.Tensor) -> torch.Tensor:
@@ -127,42 +127,80 @@ def check_adapter_name(name: object) -> None:
 
 
 
-class LoLDUAdapter(nn.Module):
-    """One adapter of one layer: trainable z (r) and sigma, frozen z0 and sigma0."""
+def change_diag(dz: torch.Tensor, dsigma: torch.Tensor, z0: torch.Tensor, sigma0: float | torch.Tensor) -> torch.Tensor:
+    """s = sigma z - sigma0 z0 from the change (z = z0 + dz, sigma = sigma0 + dsigma), in float32.
 
-    def __init__(self, config: LoLDUConfig, z0: torch.Tensor, pivots: torch.Tensor, weight_norm: float,
-                 roundoff: float):
+    Written as sigma0 dz + dsigma z: the base's own top-r term sigma0 z0 never enters, so what a copy of the base
+    rounds differently (z0) only scales with the trained change, never with the base itself.
+    """
+    dz, z0 = dz.float(), z0.float()
+    return sigma0 * dz + dsigma.float() * (z0 + dz)
+
+
+class LoLDUAdapter(nn.Module):
+    """One adapter of one layer: the trained change dz (r) and dsigma of z = z0 + dz, sigma = sigma0 + dsigma.
+
+    Training the change keeps it exact in float32 (a small change is not a rounding of z0), makes weight decay pull
+    toward the base, and is what adapter files store.
+    """
+
+    def __init__(self, config: LoLDUConfig, factors: LDUFactors):
         super().__init__()
+        z0 = factors.z0
         self.config = config
         self.rank = z0.numel()
-        self.z = nn.Parameter(_init_z(config, z0).float())
-        sigma0 = torch.tensor(config.sigma0, device=z0.device)
-        self.sigma = nn.Parameter(sigma0.clone(), requires_grad=config.train_sigma)
-        # z0/sigma0 are buffers so that every cast applied to z/sigma hits them too: s stays exactly 0 at init.
+        self.dz = nn.Parameter(_init_z(config, z0).float() - z0.float())  # exact zeros for init='ldu'
+        self.dsigma = nn.Parameter(torch.zeros((), device=z0.device), requires_grad=config.train_sigma)
+        # z0 is a buffer so that .to(device) moves it with dz; kept in float32 whatever a later cast does
         self.register_buffer("z0", z0.float().clone(), persistent=False)
-        self.register_buffer("sigma0", sigma0, persistent=False)
-        self.register_buffer("pivots", pivots.clone(), persistent=False)
-        self.weight_norm = weight_norm
-        self.roundoff = roundoff  # of the base weight's dtype: how far another copy of the base may differ
+        self.register_buffer("pivots", factors.pivots.clone(), persistent=False)
+        self.weight_norm = factors.weight_norm
+        self.roundoff = factors.roundoff  # of the base weight's dtype: how far another copy of the base may differ
+        self.checksum, self.checksum_bound = factors.checksum, factors.checksum_bound
         self.mix_weight = 1.0  # set by set_active: this adapter's share in a mix
+
+    @property
+    def sigma0(self) -> float:
+        """The initial scale alpha / rank."""
+        return self.config.sigma0
+
+    @property
+    def z(self) -> torch.Tensor:
+        """z = z0 + dz (read only: train and set dz)."""
+        return self.z0.float() + self.dz.float()
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """sigma = sigma0 + dsigma (read only: train and set dsigma)."""
+        return self.sigma0 + self.dsigma.float()
+
+    @torch.no_grad()
+    def set_(self, z: torch.Tensor | None = None, sigma: float | torch.Tensor | None = None) -> None:
+        """Set the absolute z and/or sigma (stored as their change from z0 and sigma0)."""
+        if z is not None:
+            self.dz.copy_(torch.as_tensor(z, dtype=torch.float32) - self.z0.float())
+        if sigma is not None:
+            self.dsigma.copy_(torch.as_tensor(sigma, dtype=torch.float32) - self.sigma0)
 
     def diag(self) -> torch.Tensor:
         """s = sigma z - sigma0 z0 in float32: the diagonal of this adapter's delta."""
-        return self.sigma.float() * self.z.float() - self.sigma0.float() * self.z0.float()
+        return change_diag(self.dz, self.dsigma, self.z0, self.sigma0)
 
     def fingerprint(self) -> torch.Tensor:
         """Fingerprint of the base weight this adapter was built on."""
-        return fingerprint(LDUFactors(None, self.z0, None, self.pivots, self.weight_norm, self.roundoff))
+        return fingerprint(LDUFactors(None, self.z0, None, self.pivots, self.weight_norm, self.roundoff,
+                                      self.checksum, self.checksum_bound))
 
     @torch.no_grad()
     def project_(self) -> None:
         """Projected gradient step (eqs. 10-12): sigma into (0, sigma_max], ||z|| <= z_max_norm."""
-        if self.config.sigma_max is not None:
-            self.sigma.clamp_(min=1e-8, max=self.config.sigma_max)  # 1e-8 stands for the open bound 0
+        if self.config.sigma_max is not None:  # 2^-20 sigma0 stands for the open bound 0 (float32 keeps it > 0)
+            self.dsigma.clamp_(min=self.sigma0 * (2**-20 - 1), max=self.config.sigma_max - self.sigma0)
         if self.config.z_max_norm is not None:
-            norm = self.z.norm()
+            z = self.z
+            norm = z.norm()
             if norm > self.config.z_max_norm:
-                self.z.mul_(self.config.z_max_norm / norm)
+                self.dz.copy_(z * (self.config.z_max_norm / norm) - self.z0)
 
 
 class LoLDULinear(nn.Linear):
@@ -238,8 +276,7 @@ class LoLDULinear(nn.Linear):
             raise ValueError(f"{layer_name}: adapter {name!r} pivots on other rows than this layer's adapters "
                              f"{list(self.loldu_adapters)}; they cannot share one factorisation")
         self.install_factors(factors)
-        adapter = LoLDUAdapter(config, factors.z0[:rank], factors.pivots[:rank], factors.weight_norm,
-                               factors.roundoff)
+        adapter = LoLDUAdapter(config, leading_factors(factors, rank))
         self.loldu_adapters[name] = adapter  # built on the factors' device, i.e. the weight's
         self.loldu_active.append(name)
         return adapter

@@ -15,6 +15,7 @@ from torch import nn
 
 from .decompose import LDUFactors
 from .io import _plan_load, read_adapter_file
+from .layer import change_diag
 from .naming import checkpoint_prefixes
 from .model import _wrap_linears, components, loldu_layers, remove_loldu
 
@@ -65,12 +66,12 @@ class ResidentLibrary:
             for c, layer_name, _, _, factors in plan:
                 if c == comp:
                     layers[layer_name].install_factors(factors)
-        z = torch.cat([zi.float() for *_, zi, _, _ in plan])
-        ranks = torch.tensor([zi.numel() for *_, zi, _, _ in plan])
-        sigma = torch.stack([s.float() for *_, s, _ in plan]).repeat_interleave(ranks)
+        dz = torch.cat([d.float() for *_, d, _, _ in plan])
+        ranks = torch.tensor([d.numel() for *_, d, _, _ in plan])
+        dsigma = torch.stack([d.float() for *_, d, _ in plan]).repeat_interleave(ranks)
         z0 = torch.cat([f.z0.float().cpu() for *_, f in plan])
-        # the same float32 operations as LoLDUAdapter.diag(), so a resident adapter equals a loaded one bit for bit
-        diag = sigma * z - torch.tensor(config.sigma0).float() * z0
+        # elementwise, as LoLDUAdapter.diag() computes it: a resident adapter equals a loaded one bit for bit
+        diag = change_diag(dz, dsigma, z0, config.sigma0)
         self._diags[name] = (diag, self._layout(meta["layers"], plan))
         return name
 

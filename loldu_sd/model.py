@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .config import LoLDUConfig
-from .decompose import lapack_threads
 from .layer import LoLDULinear, RuntimeScale, check_adapter_name, ratio_problem
 
 
@@ -95,19 +94,18 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
     missing = [name for name in layer_names if name not in modules]
     if missing:
         raise ValueError(f"no submodule named {missing[0]!r} in this {type(module).__name__}")
-    with lapack_threads(1):
-        for name, layer in _wrap_linears(module, layer_names, modules).items():
-            layer.add_adapter(adapter_name, config, layer_name=name)
+    for name, layer in _wrap_linears(module, layer_names, modules).items():
+        layer.add_adapter(adapter_name, config, layer_name=name)
     return module
 
 
 def loldu_parameters(module: Components, adapter_name: str | None = None) -> list[nn.Parameter]:
-    """The LoLDU tensors to train (z, and sigma unless the config freezes it) of one adapter or all.
+    """The LoLDU tensors to train (the changes dz, and dsigma unless the config freezes it) of one adapter or all.
 
     Chosen by the adapter's config, not by `requires_grad`: freezing the surrounding model must not hide them.
     """
     return [p for _, layer in loldu_layers(module) for n, a in layer.loldu_adapters.items()
-            if adapter_name in (None, n) for p in ([a.z, a.sigma] if a.config.train_sigma else [a.z])]
+            if adapter_name in (None, n) for p in ([a.dz, a.dsigma] if a.config.train_sigma else [a.dz])]
 
 
 def loldu_adapter_names(module: Components) -> list[str]:

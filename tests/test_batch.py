@@ -32,8 +32,8 @@ def randomise(module, name, seed):
         for _, layer in loldu_layers(module):
             if name in layer.loldu_adapters:
                 a = layer.loldu_adapters[name]
-                a.z.mul_(1 + 0.5 * torch.randn(a.rank, generator=g))
-                a.sigma.mul_(0.9)
+                a.dz.copy_(0.5 * a.z0 * torch.randn(a.rank, generator=g))
+                a.dsigma.fill_(-0.1 * a.sigma0)
 
 
 @pytest.fixture

@@ -37,8 +37,8 @@ def randomise(module, adapter_name):
         for m in module.modules():
             if isinstance(m, LoLDULinear) and adapter_name in m.loldu_adapters:
                 a = m.loldu_adapters[adapter_name]
-                a.z.mul_(1 + 0.5 * torch.randn(a.rank))
-                a.sigma.mul_(0.9)
+                a.dz.copy_(0.5 * a.z0 * torch.randn(a.rank))
+                a.dsigma.fill_(-0.1 * a.sigma0)
 
 
 def read(path):
@@ -244,11 +244,11 @@ def test_file_is_kilobytes_with_documented_metadata(tmp_path):
     add_loldu(net, cfg)
     path = save_loldu(tmp_path / "a.safetensors", net)
     size = os.path.getsize(path)
-    assert size < 7_500, size  # 20 x 32 z + 20 x 32 pivots + 20 sigma + 20 x 3 fingerprint + JSON header
+    assert size < 7_500, size  # 20 x 32 z + 20 x 32 pivots + 20 sigma + 20 x 5 fingerprint + JSON header
     tensors, meta = read(path)
     assert {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()} == {
-        "loldu.z": (torch.float32, (640,)), "loldu.sigma": (torch.float32, (20,)),
-        "loldu.pivots": (torch.int16, (640,)), "loldu.fingerprint": (torch.float32, (20, 3))}
+        "loldu.dz": (torch.float32, (640,)), "loldu.dsigma": (torch.float32, (20,)),
+        "loldu.pivots": (torch.int16, (640,)), "loldu.fingerprint": (torch.float32, (20, 5))}
     assert meta["format"] == "loldu" and meta["format_version"] == str(loldu_sd.io.FORMAT_VERSION)
     assert meta["adapter_name"] == "default"
     assert LoLDUConfig.from_dict(json.loads(meta["config"])) == cfg
@@ -282,7 +282,7 @@ def _edit_rank(tensors, meta):
     assert layers[""][1] == ["blocks.0.attn.to_k", 4]
     layers[""][1][1] = 3
     meta["layers"] = json.dumps(layers)
-    for key in ("loldu.z", "loldu.pivots"):
+    for key in ("loldu.dz", "loldu.pivots"):
         tensors[key] = torch.cat([tensors[key][:7], tensors[key][8:]])
 
 
@@ -318,18 +318,18 @@ def make_bad_file(case: str, tmp, src):
         rename = "blocks.1.attn.to_v", "blocks.1.attn.to_x"
         rewrite(src, path, lambda t, m: m.update(layers=m["layers"].replace(*rename)))
     elif case == "nan_z":  # z[8:12] belongs to the third layer
-        rewrite(src, path, lambda t, m: t["loldu.z"].__setitem__(9, float("nan")))
+        rewrite(src, path, lambda t, m: t["loldu.dz"].__setitem__(9, float("nan")))
     elif case == "inf_sigma":
-        rewrite(src, path, lambda t, m: t["loldu.sigma"].__setitem__(4, float("inf")))
+        rewrite(src, path, lambda t, m: t["loldu.dsigma"].__setitem__(4, float("inf")))
     elif case == "huge_z":  # finite, but 1e30 x the base weight: NaN images
-        rewrite(src, path, lambda t, m: t["loldu.z"].__setitem__(9, 1e30))
+        rewrite(src, path, lambda t, m: t["loldu.dz"].__setitem__(9, 1e30))
     elif case == "duplicate_layer":  # the first layer listed twice, z and sigma grown to match
         def twice(t, m):
             layers = json.loads(m["layers"])
             layers[""].append(layers[""][0])
             m["layers"] = json.dumps(layers)
-            t["loldu.z"], t["loldu.sigma"] = torch.cat([t["loldu.z"], t["loldu.z"][:4]]), torch.cat(
-                [t["loldu.sigma"], t["loldu.sigma"][:1]])
+            t["loldu.dz"], t["loldu.dsigma"] = torch.cat([t["loldu.dz"], t["loldu.dz"][:4]]), torch.cat(
+                [t["loldu.dsigma"], t["loldu.dsigma"][:1]])
             t["loldu.fingerprint"] = torch.cat([t["loldu.fingerprint"], t["loldu.fingerprint"][:1]])
         rewrite(src, path, twice)
     elif case in ("layers_null", "layers_abc", "layer_list_null"):
@@ -531,7 +531,7 @@ def test_nan_inf_or_absurd_values_are_never_saved(value, saved):
     net, path, _, _ = saved
     before = path.read_bytes()
     with torch.no_grad():
-        net.blocks[1].attn.to_k.loldu_adapters["default"].z[0] = value
+        net.blocks[1].attn.to_k.loldu_adapters["default"].dz[0] = value
     with pytest.raises(ValueError, match=r"not saved: layer blocks\.1\.attn\.to_k \(default\)") as excinfo:
         save_loldu(path, net)
     check_error(excinfo, path, "previous file is untouched")

@@ -29,8 +29,8 @@ def randomise(module: nn.Module, adapter_name: str, scale: float = 0.5) -> None:
         for m in module.modules():
             if isinstance(m, LoLDULinear) and adapter_name in m.loldu_adapters:
                 a = m.loldu_adapters[adapter_name]
-                a.z.mul_(1 + scale * torch.randn(a.rank))
-                a.sigma.mul_(0.9)
+                a.dz.copy_(scale * a.z0 * torch.randn(a.rank))
+                a.dsigma.fill_(-0.1 * a.sigma0)
 
 
 def types(module: nn.Module) -> dict[str, type]:

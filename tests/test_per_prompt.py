@@ -23,7 +23,7 @@ def randomise(module, name, seed):
     with torch.no_grad():
         for p in loldu_sd.loldu_parameters(module, name):
             if p.ndim:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.abs().mean())
+                p.add_(torch.randn(p.shape, generator=g) * 0.3 * 0.1)  # dz starts at 0
 
 
 def add_concepts(pipe):

@@ -251,7 +251,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_unread_and_a_damaged_one_is_one_lin
     t["unet.loldu.dz"][0] = float("nan")  # as written before parameters were checked
     save_file(t, str(adapter), metadata=meta)
     with pytest.raises(training.TrainingInputError, match=r"checkpoint-1: pytorch_loldu_weights\.safetensors: "
-                                                             r"unet\.loldu\.z holds NaN/inf values; .*resume from an"):
+                                                             r"unet\.loldu\.dz holds NaN/inf values; .*resume from an"):
         train(tiny_sd, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
 
 

@@ -164,9 +164,9 @@ def write_adapter_files(unet: nn.Module, n: int, folder: Path) -> list[Path]:
     paths = [first]
     g = torch.Generator().manual_seed(0)
     for i in range(1, n):
-        z = tensors["unet.loldu.z"] * (1 + 0.01 * torch.randn(tensors["unet.loldu.z"].shape, generator=g))
+        dz = tensors["unet.loldu.dz"] + 0.01 * torch.randn(tensors["unet.loldu.dz"].shape, generator=g)
         paths.append(folder / f"c{i}.safetensors")
-        save_file({**tensors, "unet.loldu.z": z}, str(paths[-1]), metadata={**meta, "adapter_name": f"c{i}"})
+        save_file({**tensors, "unet.loldu.dz": dz}, str(paths[-1]), metadata={**meta, "adapter_name": f"c{i}"})
     return paths
 
 

@@ -61,8 +61,8 @@ def bench_files(pipe, tmp: Path, args) -> dict:
                 meta = {k: v for k, v in f.metadata().items() if k != "layers"}
             per_layer, off = {}, 0
             for i, (name, rank) in enumerate(layers["unet"]):
-                per_layer[f"unet.{name}.loldu.z"] = tensors["unet.loldu.z"][off: off + rank].clone()
-                per_layer[f"unet.{name}.loldu.sigma"] = tensors["unet.loldu.sigma"][i: i + 1].clone()
+                per_layer[f"unet.{name}.loldu.dz"] = tensors["unet.loldu.dz"][off: off + rank].clone()
+                per_layer[f"unet.{name}.loldu.dsigma"] = tensors["unet.loldu.dsigma"][i: i + 1].clone()
                 per_layer[f"unet.{name}.loldu.pivots"] = tensors["unet.loldu.pivots"][off: off + rank].clone()
                 per_layer[f"unet.{name}.loldu.fingerprint"] = tensors["unet.loldu.fingerprint"][i].clone()
                 off += rank
