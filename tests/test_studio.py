@@ -479,6 +479,10 @@ def test_import_validates_against_the_base_model(studio, tiny_sd, tmp_path):
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     with pytest.raises(StudioError, match="listed twice"):
         studio.import_adapter(tmp_path / "twice.safetensors", "twice")
+    deep = "[" * 100_000 + "]" * 100_000  # was: a RecursionError traceback out of the server
+    save_file(tensors, str(tmp_path / "deep.safetensors"), metadata={**meta, "layers": deep})
+    with pytest.raises(StudioError, match=r"^deep.safetensors: rejected: corrupted LoLDU metadata \(JSON nested too"):
+        studio.import_adapter(tmp_path / "deep.safetensors", "deep")
     assert pipe.list_loldu_adapters() == before and all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in
                                                         state.items())
     with pytest.raises(StudioError, match="already exists"):
