@@ -68,3 +68,15 @@ def test_an_empty_adapter_name_is_refused_not_replaced_by_the_files(adapter, tin
     with pytest.raises(LoLDUFormatError, match=r"adapter name '' must be a non-empty string") as e:
         load_loldu(adapter, net, adapter_name="")
     assert "\n" not in str(e.value) and loldu_adapter_names(net) == []
+
+
+def test_a_file_of_no_layers_is_refused_by_the_resident_library_too(adapter, tiny_net, tmp_path):
+    from loldu_sd import ResidentLibrary
+
+    with safe_open(str(adapter), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    save_file(tensors, str(tmp_path / "empty.safetensors"), metadata={**meta, "layers": "{}"})
+    library = ResidentLibrary(tiny_net())
+    with pytest.raises(LoLDUFormatError, match=r"empty.safetensors: corrupted LoLDU metadata \(layers lists no layer"):
+        library.load(tmp_path / "empty.safetensors")  # was: torch.cat(): expected a non-empty list
+    assert len(library) == 0
