@@ -187,6 +187,79 @@ def test_rows_swapped_base_with_the_same_norm_is_refused(saved, tiny_net):
     assert_unchanged(net, snap)
 
 
+def small_update_net(dtype, seed=0):
+    """Three 48x40 layers of a seeded base (the same weights rounded to `dtype`)."""
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(*(torch.nn.Linear(40, 48) for _ in range(3)))
+    with torch.no_grad():
+        for m in net:
+            m.weight.copy_(torch.randn(48, 40, generator=g) / 40**0.5)
+    return net.to(dtype)
+
+
+@pytest.mark.parametrize("rank,dz_std,dsigma", [(8, 0.02, 0.0), (40, 0.02, 0.0), (40, 0.3, -0.2), (8, 1e-4, 1e-3)])
+def test_update_made_on_fp32_keeps_its_own_size_on_fp16_and_bf16_copies(rank, dz_std, dsigma, tmp_path):
+    """The error is relative to the update itself (not to ||W0||): small trained changes survive a cast."""
+    net = small_update_net(torch.float32)
+    add_loldu(net, LoLDUConfig(rank=rank, target_modules=r"\d+"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in loldu_sd.loldu_layers(net):
+            a = layer.loldu_adapters["default"]
+            a.dz.copy_(dz_std * torch.randn(a.rank, generator=g))  # as a few training steps move z
+            a.dsigma.fill_(dsigma)
+    path = save_loldu(tmp_path / "a.safetensors", net)
+    made = updates(net)
+    for dtype, bound in ((torch.float16, 0.005), (torch.bfloat16, 0.02)):
+        copy = small_update_net(dtype)
+        load_loldu(path, copy)
+        for name, delta in updates(copy).items():
+            err = float((delta - made[name]).norm() / made[name].norm())
+            assert err <= bound, (dtype, name, err)
+
+
+def edited_base(tiny_net, edit):
+    """The tiny net with one edit applied to blocks.0.attn.to_k's weight."""
+    net = tiny_net()
+    with torch.no_grad():
+        w = net.blocks[0].attn.to_k.weight
+        w.copy_(edit(w.clone()))
+    return net
+
+
+@pytest.mark.parametrize("edit", ["negated", "non_pivot_rows_swapped", "rows_permuted"])
+def test_negated_or_permuted_base_is_refused(edit, saved, tiny_net):
+    net0, path, _, _ = saved
+    pivots = set(net0.blocks[0].attn.to_k.loldu_adapters["default"].pivots.tolist())
+    free = [i for i in range(net0.blocks[0].attn.to_k.out_features) if i not in pivots]
+
+    def swap_free(w):  # two rows that are not pivots: z0, ||W0|| and the multipliers stay as they were
+        w[[free[0], free[1]]] = w[[free[1], free[0]]]
+        return w
+
+    edits = {"negated": lambda w: -w, "non_pivot_rows_swapped": swap_free,
+             "rows_permuted": lambda w: w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))]}
+    net = edited_base(tiny_net, edits[edit])
+    snap = snapshot(net)
+    with pytest.raises(LoLDUBaseMismatchError) as excinfo:
+        load_loldu(path, net)
+    check_error(excinfo, path, "different base model", "first mismatching layer blocks.0.attn.to_k")
+    assert_unchanged(net, snap)
+
+
+@pytest.mark.parametrize("roundoff", [1e6, -2.0**-24, 0.3])
+def test_a_crafted_fingerprint_tolerance_is_refused(roundoff, saved, tiny_net, tmp_path):
+    """The roundoff column sets the base check's tolerance: only a float dtype's own unit roundoff is believed."""
+    _, src, _, _ = saved
+    path = rewrite(src, tmp_path / "crafted.safetensors", lambda t, m: t["loldu.fingerprint"][:, 2].fill_(roundoff))
+    net = edited_base(tiny_net, lambda w: -w)  # the base check would have to catch this
+    snap = snapshot(net)
+    with pytest.raises(LoLDUFormatError) as excinfo:
+        load_loldu(path, net)
+    check_error(excinfo, path, "corrupted base-model fingerprint", "roundoff", "fp32")
+    assert_unchanged(net, snap)
+
+
 def test_layer_holding_another_pivot_order_refuses_a_second_adapter(tmp_path):
     made = near_tie_net(torch.bfloat16)  # pivots on row 0
     add_loldu(made, LoLDUConfig(rank=4, target_modules=["0"]))

@@ -13,8 +13,10 @@ from loldu_sd import (
     find_targets,
     get_loldu_adapters,
     loldu_adapter_names,
+    loldu_parameters,
     loldu_scale,
     merge_loldu,
+    project_loldu_,
     remove_loldu,
     set_loldu_adapters,
     unmerge_loldu,
@@ -335,3 +337,28 @@ def test_non_finite_weights_and_scales_are_refused(bad, tiny_net):
         with pytest.raises(ValueError, match="must be a finite number"):
             call()
     assert net.blocks[0].attn.to_q.loldu_merged == [] and net.blocks[0].attn.to_q.loldu_adapters["a"].mix_weight == 1
+
+
+def test_weight_decay_with_zero_gradient_leaves_the_base_bit_identical(tiny_net):
+    """The trainer's optimizer (its flags' defaults, decay 0.01) decays the change toward the base, never away."""
+    from loldu_sd.training.args import build_parser, loldu_config
+    from loldu_sd.training.optim import make_optimizer
+
+    args = build_parser().parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "x",
+                                      "--instance_prompt", "x", "--target_modules", "to_q,to_k,to_v,ff.0"])
+    assert args.adam_weight_decay > 0
+    net, base = tiny_net(), tiny_net()
+    add_loldu(net, loldu_config(args))
+    params = loldu_parameters(net)
+    optimizer = make_optimizer(args, params, lr=args.learning_rate * 100)  # a large step makes any drift show
+    for _ in range(50):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        project_loldu_(net)
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
+    assert all(not p.any() for p in params)
+    assert torch.equal(net(x), base(x))
+    merge_loldu(net)
+    merged = net.state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in base.state_dict().items())  # fused: W0 + 0, exactly
