@@ -76,7 +76,8 @@ def run_sanity(args: argparse.Namespace) -> dict:
 
     from .scorer import markdown_table, write_json
     from .toyworld import (ACCURACY_COLUMNS, EYE_COLUMNS, KIND_COLUMNS, SANITY_COLUMNS, SANITY_HEADERS,
-                           attribute_accuracy, eye_label_agreement, sample_grid, sanity_rows, toyworld_scorer)
+                           attribute_accuracy, codec_grid, eye_label_agreement, sample_grid, sanity_rows,
+                           toyworld_scorer)
 
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     rows = sanity_rows(toyworld_scorer(args.judges), pipe, args.samples, args.seed)
@@ -96,6 +97,8 @@ def run_sanity(args: argparse.Namespace) -> dict:
     grid.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(pipe).save(grid)
     print(f"wrote {grid} (base-model samples; the last two rows are held-out colour x kind pairs)")
+    codec_grid(pipe.vae).save(Path(args.out) / "codec.png")
+    print(f"wrote {Path(args.out) / 'codec.png'} (each concept's photos above their codec round trips)")
     print(f"\nwrote {write_json(Path(args.out) / 'sanity.json', result)}")
     return result
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from loldu_sd.toyworld import PIPELINE_DIR, load_pipeline
-from loldu_sd.toyworld.concepts import CONCEPTS, IDENTIFIER, prompts
+from loldu_sd.toyworld.concepts import CONCEPTS, IDENTIFIER, concept_photos, prompts
 
-from .toyworld import concept_images, generate, toyworld_scorer
+from .toyworld import generate, toyworld_scorer
 
 SHOWN = (20, 2, 5, 18)  # indexes into the concept prompt list: plain, a background, a striped one, two of it
 CELL, PRIOR_SAMPLES = 128, 8
@@ -43,7 +43,7 @@ def run(pipeline: str | Path, adapter: str | Path, concept_name: str, seed: int 
 
     concept, scorer = CONCEPTS[concept_name], toyworld_scorer()
     pipe, texts = load_pipeline(pipeline), prompts(concept)
-    reference = concept_images(concept_name)
+    reference = concept_photos(concept_name)
     shown = [texts[i] for i in SHOWN for _ in range(2)]
     out = {"concept": concept_name, "adapter": str(adapter), "seed": seed, "images": {}}
     for label in ("base", "adapter"):

@@ -42,10 +42,10 @@ def codec_ceiling(pipe_or_vae, concept_name: str, scorer) -> dict:
     the concept's five photos with `scorer` (e.g. eval.toyworld.toyworld_scorer()), every pair counted, exactly as
     the benchmark scores a method's samples.
     """
-    from .toyworld import concept_images
+    from loldu_sd.toyworld.concepts import concept_photos
 
     vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
-    photos = concept_images(concept_name)
+    photos = concept_photos(concept_name)
     trips = codec_round_trip(vae, photos)
     scores = scorer.score(trips, photos)
     dino, clip_i = round(scores["dino"], 4), round(scores["clip_i"], 4)

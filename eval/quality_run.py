@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 
 from loldu_sd.toyworld import CONCEPTS_DIR, JUDGES_DIR, TRAIN_BATCH_SIZE
-from loldu_sd.toyworld.concepts import CONCEPTS, prompts
+from loldu_sd.toyworld.concepts import CONCEPTS, concept_photos, prompts
 
 from . import quality_store as store
 from .before_after import PRIOR_SAMPLES, SHOWN, prior_similarity, score_set
 from .methods import METHODS, Method
-from .toyworld import concept_images, generate
+
+from .toyworld import generate
 
 BASE = "base"  # the job that scores the base model, the concept photos and the codec ceiling once per concept
 STRIP = "strip.png"  # the shown prompts' images at the last checkpoint, side by side (the grids' cells)
@@ -133,7 +134,7 @@ class Judge:
         self.pipe, self.scorer, self.settings = pipe, scorer, settings
         self.concept, self.method = CONCEPTS[job.concept], method
         self.texts = prompts(self.concept)[: settings.prompts_limit]
-        self.reference = scorer.embed_images(concept_images(job.concept))
+        self.reference = scorer.embed_images(concept_photos(job.concept))
         self.shown = shown_indexes(len(self.texts))
         self.base_class = self.class_samples()  # before any step every method draws the class as the base does
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from loldu_sd.toyworld import ASSETS_DIR, CONCEPTS_DIR, GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
-from loldu_sd.toyworld.concepts import CONCEPTS
+from loldu_sd.toyworld import ASSETS_DIR, GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
+from loldu_sd.toyworld.concepts import CONCEPTS, concept_photos
 from loldu_sd.toyworld.world import COLOURS, HELD_OUT_PAIRS, KINDS, Scene, Thing, render
 
 from .scorer import Scorer, load_images
@@ -36,11 +36,6 @@ def toyworld_scorer(judges_dir: str | Path = JUDGES_DIR, **kwargs) -> Scorer:
                   clip_image_embed_fn=judges.embed_images, clip_text_embed_fn=judges.embed_texts, **kwargs)
 
 
-def concept_images(name: str):
-    """The committed instance photos of a held-out concept."""
-    return load_images(CONCEPTS_DIR / name)[0]
-
-
 def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16, steps: int = INFERENCE_STEPS) -> list:
     """One image per prompt, seeded per position (the i-th image always uses seed + i); `steps` sampler steps."""
     images = []
@@ -53,29 +48,50 @@ def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16, steps: in
 
 
 def sanity_rows(scorer: Scorer, pipe, samples: int = 8, seed: int = 0) -> list[dict]:
-    """Per concept: its photos against each other, other concepts' photos, base samples of its class, captions."""
+    """Per concept: its photos against each other, their codec round trips (the attainable ceiling), other concepts'
+    photos, base samples of its class, captions."""
+    from .ceiling import codec_ceiling
+
     rows = []
     for name, concept in CONCEPTS.items():
-        ref = scorer.embed_images(concept_images(name))
-        others = [im for other in CONCEPTS if other != name for im in concept_images(other)]
+        ref = scorer.embed_images(concept_photos(name))
+        others = [im for other in CONCEPTS if other != name for im in concept_photos(other)]
         base = generate(pipe, [concept.class_prompt] * samples, seed)
         real, vs_others = scorer.score_real(ref), scorer.score(others, ref)
         vs_base = scorer.score(base, ref)
         unrelated = [c.class_prompt for c in CONCEPTS.values() if c is not concept]
         text_match = scorer.score(ref, ref, [concept.class_prompt] * len(ref))["clip_t"]
         text_other = sum(scorer.score(ref, ref, [u] * len(ref))["clip_t"] for u in unrelated) / len(unrelated)
+        ceiling = codec_ceiling(pipe, name, scorer)
         rows.append({"concept": name, "real_dino": real["dino"], "real_clip_i": real["clip_i"],
+                     "codec_psnr": ceiling["psnr"], "codec_dino": ceiling["dino"], "codec_clip_i": ceiling["clip_i"],
                      "others_dino": vs_others["dino"], "others_clip_i": vs_others["clip_i"],
                      "base_dino": vs_base["dino"], "base_clip_i": vs_base["clip_i"],
                      "clip_t_match": text_match, "clip_t_unrelated": text_other})
     return rows
 
 
-SANITY_COLUMNS = ["concept", "real_dino", "others_dino", "base_dino", "real_clip_i", "others_clip_i", "base_clip_i",
-                  "clip_t_match", "clip_t_unrelated"]
-SANITY_HEADERS = ["concept", "DINO* real", "DINO* other concepts", "DINO* base class samples", "CLIP-I* real",
-                  "CLIP-I* other concepts", "CLIP-I* base class samples", "CLIP-T* own class",
-                  "CLIP-T* other classes"]
+SANITY_COLUMNS = ["concept", "codec_psnr", "real_dino", "codec_dino", "others_dino", "base_dino", "real_clip_i",
+                  "codec_clip_i", "others_clip_i", "base_clip_i", "clip_t_match", "clip_t_unrelated"]
+SANITY_HEADERS = ["concept", "codec round trip PSNR (dB)", "DINO* real", "DINO* round trip (ceiling)",
+                  "DINO* other concepts", "DINO* base class samples", "CLIP-I* real", "CLIP-I* round trip (ceiling)",
+                  "CLIP-I* other concepts", "CLIP-I* base class samples", "CLIP-T* own class", "CLIP-T* other classes"]
+
+
+def codec_grid(vae, rows: int = 1):
+    """Every concept's photos above their codec round trips: what the autoencoder keeps of each concept."""
+    from PIL import Image
+
+    from .ceiling import codec_round_trip
+
+    columns = [(p, t) for name in CONCEPTS for p, t in zip(concept_photos(name),
+                                                          codec_round_trip(vae, concept_photos(name)))]
+    side = columns[0][0].size[0]
+    grid = Image.new("RGB", (side * len(columns), 2 * side), "white")
+    for i, (photo, trip) in enumerate(columns):
+        grid.paste(photo, (i * side, 0))
+        grid.paste(trip, (i * side, side))
+    return grid
 
 
 # ---- attribute accuracy ----------------------------------------------------------------------------------------

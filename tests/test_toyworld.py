@@ -220,3 +220,5 @@ def test_eval_sanity_writes_the_judges_table_attribute_and_per_kind_accuracy(tmp
     assert [r["kind"] for r in result["kind_accuracy"]] == list(W.KINDS)
     assert sum(r["n"] for r in result["kind_accuracy"]) == 8  # 4 seen and 4 held-out prompts
     assert result["eye_labels"]["n"] == 96 and (tmp_path / "samples.png").is_file()
+    assert all(10 < r["codec_psnr"] < 60 and 0 < r["codec_dino"] <= 1 for r in result["sanity"])
+    assert (tmp_path / "codec.png").is_file()

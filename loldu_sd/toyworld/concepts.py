@@ -100,6 +100,14 @@ def write_concept(concept: Concept, folder: Path) -> Path:
     return folder
 
 
+def concept_photos(name: str) -> list:
+    """The committed instance photos of a held-out concept (RGB PIL images, in file order)."""
+    from ..images import read_folder
+    from . import CONCEPTS_DIR
+
+    return [image for _, image in read_folder(CONCEPTS_DIR / name, extensions=(".png",))[0]]
+
+
 def is_held_out(kind: str, colour: str, decorations) -> bool:
     """True when (kind, colour, decorations) is one of the held-out concepts (in any decoration order)."""
     return any(kind == c.class_noun and colour == c.colour and sorted(decorations) == sorted(c.decorations)
