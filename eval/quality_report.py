@@ -181,16 +181,19 @@ def readme_block(quality: dict) -> str:
     refs = {r["method"]: r for r in quality["reference_rows"]}
     lines = ["| method | lr | subject fidelity | gap closed | prior | CLIP-T* | ships (bytes) |",
              "|---|---|---|---|---|---|---|"]
-    for name in ("concept photos", "codec round trip (ceiling)", "base model"):
+    for name in ("concept photos", "codec round trip (ceiling)"):
         lines.append(f"| {name} | | {refs[name]['fidelity']['mean']:.3f} | | | | |")
+    base = refs["base model"]
+    lines.append(f"| base model | | {base['fidelity']['mean']:.3f} | 0 | {base['prior']['mean']:.3f} | "
+                 f"{base['clip_t']['mean']:.3f} | |")
     for method, r in rows.items():
         lines.append(f"| {method} | {r['lr']:g} | {r['fidelity']['mean']:.3f} | {r['closed']['mean']:.2f} | "
                      f"{r['prior']['mean']:.3f} | {r['clip_t']['mean']:.3f} | {r['size']['mean']:,.0f} |")
     n = len(quality["references"])
-    return "\n".join([README_BEGIN, f"Quality benchmark at {last} steps, mean over {n} concept(s) x seeds "
-                      "([docs/quality.md](docs/quality.md); `python -m eval.quality --readme` writes this block from "
-                      "docs/quality/quality.json).", "", *lines, "", f"Gate: {quality['gate']['verdict']}.",
-                      README_END])
+    intro = [f"Quality benchmark at {last} steps, mean over {n} concept(s) x seeds, {len(quality['runs'])} committed "
+             "runs ([docs/quality.md](docs/quality.md));", "`python -m eval.quality --readme` writes this block from "
+             "docs/quality/quality.json."]
+    return "\n".join([README_BEGIN, *intro, "", *lines, "", f"Gate: {quality['gate']['verdict']}.", README_END])
 
 
 def replace_block(text: str, block: str) -> str:

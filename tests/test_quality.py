@@ -248,15 +248,24 @@ def launch(args, tmp_path, processes):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_benchmark(tiny_sd, tmp_path):
+def test_two_processes_give_the_single_process_benchmark_and_a_rerun_reuses_it(tiny_sd, tmp_path):
     flags = ["--pretrained_model_name_or_path", str(tiny_sd), "--concepts", "star", "--methods", "loldu", "ti",
              "--lr", "loldu=1e-2", "--lr", "ti=5e-3", "--seeds", "42", "--steps", "1", "2", "--prompts_limit", "2",
              "--class_samples", "2", "--inference_steps", "2", "--trainer_args", "--lr_warmup_steps 0"]
-    assert quality.main(flags + ["--out", str(tmp_path / "one")]) == 0
-    launch(["-m", "eval.quality", *flags, "--out", str(tmp_path / "two")], tmp_path, 2)
+
+    def where(name):
+        return ["--runs", str(tmp_path / name / "runs"), "--work", str(tmp_path / name / "work"), "--out",
+                str(tmp_path / name)]
+
+    assert quality.main(flags + where("one")) == 0
+    launch(["-m", "eval.quality", *flags, *where("two")], tmp_path, 2)
     one, two = (json.loads((tmp_path / d / "quality.json").read_text()) for d in ("one", "two"))
-    assert [r["steps"] for r in one["runs"]] == [r["steps"] for r in two["runs"]]
-    assert one["table"] == two["table"] and len(one["runs"]) == 3
+    assert [r["last"] for r in one["runs"]] == [r["last"] for r in two["runs"]] and len(one["runs"]) == 3
+    assert one["table"] == two["table"] and [r["key"] for r in one["runs"]] == [r["key"] for r in two["runs"]]
+    assert (tmp_path / "one" / "work" / one["runs"][1]["folder"] / "files").is_dir()  # the shipped files, apart
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "one" / "runs").rglob("result.json")}
+    assert quality.main(flags + where("one")) == 0  # every run committed under its key: none recomputed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 @pytest.mark.slow
