@@ -26,7 +26,8 @@ def load_images(directory: str | Path, resolution: int | None = None, what: str 
     try:
         images, notes = read_folder(directory)
     except ImageReadError as e:
-        hint = "; put 3-5 photos of your subject in it" if what == "instance" else ""
+        empty = str(e).endswith(("is empty", "holds only subfolders or links"))
+        hint = "; put 3-5 photos of your subject in it" if empty and what == "instance" else ""
         raise TrainingInputError(f"{flag} {e}{hint}") from None
     for path, image in images:
         if resolution and min(image.size) < resolution:
