@@ -24,7 +24,6 @@ from loldu_sd.toyworld.concepts import CONCEPTS, concept_photos, prompts
 from . import quality_store as store
 from .before_after import PRIOR_SAMPLES, SHOWN, prior_similarity, score_set
 from .methods import METHODS, Method
-
 from .toyworld import generate
 
 BASE = "base"  # the job that scores the base model, the concept photos and the codec ceiling once per concept

@@ -98,10 +98,10 @@ def test_loldu_options_widen_the_modules_and_decay_toward_the_start(tiny_sd, tmp
 
 def test_the_codec_ceiling_scores_the_round_tripped_photos():
     from eval.scorer import Scorer
-    from eval.toyworld import concept_images
     from loldu_sd.testing import tiny_pipeline
+    from loldu_sd.toyworld.concepts import concept_photos
 
-    pipe, scorer, photos = tiny_pipeline(seed=0), Scorer.random_tiny(seed=0, device="cpu"), concept_images("star")
+    pipe, scorer, photos = tiny_pipeline(seed=0), Scorer.random_tiny(seed=0, device="cpu"), concept_photos("star")
     trips = codec_round_trip(pipe.vae, photos)
     assert [t.size for t in trips] == [p.size for p in photos] and trips[0].tobytes() != photos[0].tobytes()
     ceiling = codec_ceiling(pipe, "star", scorer)
