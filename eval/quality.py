@@ -175,7 +175,7 @@ def write_outputs(records: list[dict], stale: int, settings: Settings, world: di
                         for m, w in summary["winners"].items())
     tried = "; ".join(f"{m} {', '.join(w['grid'])}" for m, w in summary["winners"].items())
     notes = [f"{len(records)} committed runs of this world and settings ({stale} others left out: another pipeline, "
-             "judges or settings)",
+             "judges, settings or recipe)",
              f"mean ± sd over concepts x seeds; subject fidelity = (DINO* + CLIP-I*) / 2; gap closed = (method - "
              f"base) / (codec round trip - base); lrs tried: {tried}; winners: {winners}",
              *[f"diverged: {d}" for d in summary["diverged"]]]

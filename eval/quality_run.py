@@ -66,7 +66,8 @@ class Settings:
 def identity(job: Job, settings: Settings, world: dict) -> dict:
     """Everything that decides one run's numbers (its key is the hash of this)."""
     method = settings.methods[job.method].definition() if job.method != BASE else None
-    return {"job": asdict(job), "settings": settings.record(), "method": method, "world": world}
+    return {"job": asdict(job), "settings": settings.record(), "method": method, "world": world,
+            "recipe": store.RECIPE}
 
 
 def trainer_args(job: Job, settings: Settings, method: Method | None) -> argparse.Namespace:

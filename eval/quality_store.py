@@ -1,10 +1,10 @@
 """Where the quality benchmark's runs accumulate: one small committed result.json per run, keyed by a hash.
 
 A run's key hashes everything that decides its numbers: the job (concept, method, lr, seed), the shared settings
-(checkpoints, prompts, sampler steps, trainer flags), the method's definition (parts, flags, options) and the world
-(the safetensors files of the pipeline and judges folders). A committed run is reused only under the same key, so a
-new pipeline or judge makes every old run stale, and the report (`python -m eval.quality --report`) reads the runs
-of the current world and settings alone.
+(checkpoints, prompts, sampler steps, trainer flags), the method's definition (parts, flags, options), the world
+(the safetensors files of the pipeline and judges folders) and RECIPE, the version of the code's numbers. A
+committed run is reused only under the same key, so a new pipeline or judge makes every old run stale, and the
+report (`python -m eval.quality --report`) reads the runs of the current world, settings and recipe alone.
 
     docs/quality/runs/<concept>/base-<key>/result.json, strip.png
     docs/quality/runs/<concept>/<method>/lr<lr>-seed<seed>-<key>/result.json, strip.png
@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUALITY_DIR = ROOT / "docs" / "quality"
 RUNS_DIR = QUALITY_DIR / "runs"
 KEY_CHARS = 12
+# bump when a code change alters the numbers of runs already committed (the training step, a method, the scoring):
+# 2 = LoLDU trains the change dz, dsigma (AdamW's decay pulls toward the base)
+RECIPE = 2
 
 
 def folder_digest(folder: str | Path) -> str:
@@ -72,12 +75,12 @@ def write_record(folder: Path, record: dict) -> Path:
 
 
 def committed_runs(runs: Path, world: dict, settings: dict) -> tuple[list[dict], int]:
-    """The records under `runs` of this world and these settings (each with its folder as '_dir'); and how many
-    others (stale: another pipeline, judge or settings) were left out."""
+    """The records under `runs` of this world, these settings and this RECIPE (each with its folder as '_dir'); and
+    how many others (stale: another pipeline, judges, settings or recipe) were left out."""
     chosen, stale = [], 0
     for path in sorted(runs.rglob("result.json")):
         record = json.loads(path.read_text())
-        if record.get("world") == world and record.get("settings") == settings:
+        if (record.get("world"), record.get("settings"), record.get("recipe")) == (world, settings, RECIPE):
             chosen.append({**record, "_dir": path.parent})
         else:
             stale += 1

@@ -159,8 +159,8 @@ def report_flags(tmp_path):
 def commit(records, tmp_path, settings, world):
     """Write hand-made records as committed runs of `world` (with a strip each), as run_job lays them out."""
     for r in records:
-        r = {**r, "settings": settings.record(), "world": world, "method": None}
-        r["key"] = quality_store.run_key({k: r[k] for k in ("job", "settings", "method", "world")})
+        r = {**r, "settings": settings.record(), "world": world, "method": None, "recipe": quality_store.RECIPE}
+        r["key"] = quality_store.run_key({k: r[k] for k in ("job", "settings", "method", "world", "recipe")})
         folder = quality_store.run_folder(tmp_path / "runs", r["job"], r["key"])
         quality_store.write_record(folder, r)
         Image.new("RGB", (128, 64), "red").save(folder / "strip.png")
@@ -207,6 +207,7 @@ def test_a_committed_run_is_reused_only_under_its_key(tiny_sd, tmp_path):
     for other in (identity(Job("star", "loldu", 1e-3, 1), settings, world),
                   identity(job, Settings(str(tiny_sd), steps=(2,), prompts_limit=2), world),
                   identity(job, settings, {**world, "judges": "x"}),
+                  {**identity(job, settings, world), "recipe": quality_store.RECIPE + 1},
                   {**identity(job, settings, world), "method": METHODS["loldu_r8"].definition()}):
         assert quality_store.run_key(other) != key
     weights = next(Path(tiny_sd).rglob("*.safetensors"))
