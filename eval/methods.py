@@ -62,20 +62,8 @@ def _loldu_configs(args: argparse.Namespace) -> tuple:
             with_targets([*PRESETS["clip-text"], *(TEXT_FEED_FORWARD if wide else ())]))
 
 
-def _decay_to_base(params: list[nn.Parameter], rate: float) -> Callable[[float], None]:
-    """Decoupled weight decay toward the values at the start (z0, sigma0), not toward 0 as AdamW's."""
-    start = [p.detach().clone() for p in params]
-
-    def pull(lr: float) -> None:
-        with torch.no_grad():
-            for p, p0 in zip(params, start):
-                p.sub_(p - p0, alpha=lr * rate)
-
-    return pull
-
-
 def add_loldu(models, args: argparse.Namespace, concept: Concept) -> Trainable:
-    """LoLDU as the trainer adds it (its Trainable and file); options: text encoder, feed-forward, decay to base."""
+    """LoLDU as the trainer adds it (its Trainable and file); the modules option adds text encoder, feed-forward."""
     from loldu_sd.diffusers import add_loldu_to_text_encoder, add_loldu_to_unet
     from loldu_sd.model import cast_loldu_parameters
 
@@ -84,10 +72,7 @@ def add_loldu(models, args: argparse.Namespace, concept: Concept) -> Trainable:
     if args.train_text_encoder:
         components["text_encoder"] = add_loldu_to_text_encoder(models.text_encoder, text_config)
     cast_loldu_parameters(components, torch.float32)
-    trainable = loldu_trainable(components, args.pretrained_model_name_or_path)
-    if getattr(args, "decay_to_base", 0.0):  # before the projection, so the bounds still hold after it
-        trainable.after_step.insert(0, _decay_to_base(trainable.params, args.decay_to_base))
-    return trainable
+    return loldu_trainable(components, args.pretrained_model_name_or_path)
 
 
 def add_lora(models, args: argparse.Namespace, concept: Concept, rank: int = 4) -> Trainable:
@@ -217,13 +202,12 @@ def _modules(text: str) -> tuple[str, ...]:
 OPTIONS: dict[str, tuple[str, Callable[[argparse.Namespace, str], None]]] = {
     "warmup": ("learning-rate warm-up steps (--lr_warmup_steps)",
                lambda a, v: setattr(a, "lr_warmup_steps", int(v))),
-    "wd": ("AdamW weight decay toward 0 (--adam_weight_decay)", lambda a, v: setattr(a, "adam_weight_decay", float(v))),
+    # LoLDU trains the change (dz, dsigma), so AdamW's decay pulls it toward the base; others' toward 0
+    "wd": ("AdamW weight decay (--adam_weight_decay)", lambda a, v: setattr(a, "adam_weight_decay", float(v))),
     "sigma0": ("LoLDU's initial sigma (alpha = sigma0 x rank); below sigma_max it can grow",
                lambda a, v: setattr(a, "alpha", float(v) * a.rank)),
     "sigma_max": ("LoLDU's bound on sigma, or 'none' to lift it",
                   lambda a, v: setattr(a, "sigma_max", _none_or_float(v))),
-    "decay_to_base": ("weight decay of this rate toward the starting values (z0, sigma0) in place of AdamW's",
-                      lambda a, v: (setattr(a, "decay_to_base", float(v)), setattr(a, "adam_weight_decay", 0.0))),
     "modules": ("what LoLDU adapts: attn (the default), +ff (feed-forward), +te (text encoder)",
                 lambda a, v: (setattr(a, "loldu_modules", _modules(v)),
                               setattr(a, "train_text_encoder", "te" in _modules(v)))),

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--concepts", nargs="+", default=list(CONCEPTS), help=f"Held-out concepts ({', '.join(CONCEPTS)}).")
     a("--methods", nargs="+", default=list(METHODS), help=f"Methods ({', '.join(METHODS)}) and --variant names.")
     a("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE[,...]",
-      help="A method with learning options (repeatable): warmup, wd, sigma0, sigma_max, decay_to_base, modules.")
+      help="A method with learning options (repeatable): warmup, wd, sigma0, sigma_max, modules.")
     a("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
       help="Learning-rate grid of a method (repeatable); default: each method's own grid.")
     a("--seeds", nargs="+", default=["42", "43"], help="Training seeds (the trainer's --seed).")

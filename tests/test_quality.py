@@ -82,11 +82,12 @@ def test_each_method_trains_only_its_values_and_ships_its_file(tiny_sd, tmp_path
     assert set(load_file(str(tmp_path / "ti" / "files" / "learned_embeds.safetensors"))) == {TI_TOKEN}
 
 
-def test_loldu_options_widen_the_modules_and_decay_toward_the_start(tiny_sd, tmp_path):
+def test_loldu_options_set_the_flags_and_widen_the_modules(tiny_sd, tmp_path):
     methods = {**METHODS}
-    methods["wide"] = variant("wide=loldu:modules=attn+ff+te,sigma0=0.5,sigma_max=none,decay_to_base=1", methods)
+    methods["wide"] = variant("wide=loldu:modules=attn+ff+te,sigma0=0.5,sigma_max=none,wd=0,warmup=3", methods)
     models, trainable, args, _, shapes = trained(tiny_sd, tmp_path, "wide", methods=methods)
     assert args.alpha == 16 and args.sigma_max is None and args.adam_weight_decay == 0 and args.train_text_encoder
+    assert args.lr_warmup_steps == 3 and methods["wide"].definition()["options"]["sigma0"] == "0.5"
     assert set(trainable.trained) == {"unet", "text_encoder"}
     ff = find_targets(models.unet, ["ff.net.0.proj", "ff.net.2"])
     assert ff and all(hasattr(models.unet.get_submodule(n), "loldu_adapters") for n in ff)
