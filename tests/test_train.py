@@ -273,14 +273,14 @@ def _edit_json(name, change):
 
 ADAPTER = "pytorch_loldu_weights.safetensors"
 CRAFTED = {  # how a checkpoint was damaged or crafted -> the file and problem the one line names
-    "sigma_cut_to_3": (_edit_tensors(ADAPTER, "unet.loldu.sigma", lambda t: t[:3].clone()),
-                       r"pytorch_loldu_weights.safetensors: unet.loldu.sigma is missing or not a torch.float32 tensor"),
+    "sigma_cut_to_3": (_edit_tensors(ADAPTER, "unet.loldu.dsigma", lambda t: t[:3].clone()),
+                       r"pytorch_loldu_weights.safetensors: unet.loldu.dsigma is missing or not a torch.float32 "),
     "fingerprint_x3": (_edit_tensors(ADAPTER, "unet.loldu.fingerprint", lambda t: t * 3),
                        r"pytorch_loldu_weights.safetensors: unet.loldu.fingerprint differs from this base model's"),
     "pivots_reversed": (_edit_tensors(ADAPTER, "unet.loldu.pivots", lambda t: t.flip(0).clone()),
                         r"pytorch_loldu_weights.safetensors: unet.loldu.pivots differs from this base model's"),
     "float_pivots": (_edit_tensors(ADAPTER, "unet.loldu.pivots", lambda t: t.float()),
-                     r"pytorch_loldu_weights.safetensors: unet.loldu.pivots is missing or not a torch.int16"),
+                     r"unreadable adapter \(.*weights.safetensors: corrupted: unet.loldu.pivots is float32"),
     "global_step_1e9": (_edit_json("training_state.json", lambda v: v.update(global_step=10**9)),
                         r"training_state.json: global_step 1000000000 does not match the folder's name"),
     "global_step_text": (_edit_json("training_state.json", lambda v: v.update(global_step="1")),

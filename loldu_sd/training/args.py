@@ -237,8 +237,9 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace) -> None:
         saved, layers = parse_metadata(path, read_adapter_file(path)[1])
         comps = set(layers)
     except (OSError, ValueError, KeyError) as e:
-        raise TrainingInputError(f"--resume_from_checkpoint {checkpoint}: unreadable adapter "
-                                 f"({first_line(e)})") from None
+        raise TrainingInputError(f"--resume_from_checkpoint {checkpoint}: unreadable adapter ({first_line(e)}); "
+                                 "this checkpoint is damaged or was edited: resume from an earlier one (delete this "
+                                 "one) or start a new run") from None
     if saved != loldu_config(args) or comps != ({"unet", "text_encoder"} if args.train_text_encoder else {"unet"}):
         raise TrainingInputError(f"--resume_from_checkpoint {checkpoint}: trained with other LoLDU flags (rank "
                                  f"{saved.rank}, alpha {saved.alpha:g}, targets {','.join(saved.target_modules)}, "
