@@ -18,9 +18,11 @@ copies' rounding.
 """
 from __future__ import annotations
 
-import math
-import warnings
 import dataclasses
+import math
+import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +39,42 @@ class LDUFactors:
     z0: torch.Tensor  # (r,)
     A: torch.Tensor  # (r, n)
     pivots: torch.Tensor  # (r,) int64: original row index chosen as pivot at each step
-    weight_norm: float  # scale of W0 (weight_checksum): the unit of the update-size check
+    weight_norm: float  # ||every SAMPLE_STRIDE-th row of W0|| * sqrt(stride), ~||W0||: the update-size check's unit
     roundoff: float = 0.0  # unit roundoff of the weight's dtype: how far another copy of this base may differ
-    checksum: float = 0.0  # signed, row-position-weighted sum of sampled rows of W0 (weight_checksum)
+    # checksum: sum_i u_i sum_j W_ij over the sampled rows, distinct row weights u_i in [1, 2): negating W0 flips its
+    # sign, moving rows moves it; checksum_bound, the same over |W_ij|, bounds what rounding by u moves it (u times)
+    checksum: float = 0.0
     checksum_bound: float = 0.0  # the same sum of |terms|: rounding by u moves the checksum by at most u times it
+    max_multiplier: float = 1.0  # max |B|: at most 1 where the pivot rows were chosen by partial pivoting
+
+
+def single_threaded(fn: Callable[[], object]) -> object:
+    """fn() with one intra-op torch thread, the caller's thread count untouched: on a private thread.
+
+    The factorisation is many small LAPACK calls and copies: threads gain nothing there, and on a machine whose cores
+    are busy, two OpenMP threads made it 10x slower. OpenMP and MKL thread counts are per thread, so the private
+    thread sets its own to 1 and back, and no caller sees a change (torch.get_num_threads stays as it was).
+    """
+    if torch.get_num_threads() == 1:
+        return fn()
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
+        finally:
+            torch.set_num_threads(old)
+
+    worker = threading.Thread(target=run, name="loldu-factorise", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def leading_factors(factors: LDUFactors, rank: int) -> LDUFactors:
@@ -55,21 +89,6 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 SAMPLE_STRIDE = 16  # the base check reads every 16th row of W0: a full read for ||W0|| was a quarter of init
-
-
-def weight_checksum(weight: torch.Tensor) -> tuple[float, float, float]:
-    """(scale, checksum, bound) of W0 from every SAMPLE_STRIDE-th row: cheap, sign- and row-order-sensitive.
-
-    scale: ||sampled rows||_F * sqrt(stride), an estimate of ||W0||_F. checksum: sum_i u_i sum_j W_ij over the sampled
-    rows, with distinct row weights u_i in [1, 2), so negating W0 flips its sign and moving rows moves it. bound: the
-    same sum over |W_ij|; a copy rounded with unit roundoff u moves the checksum by at most u * bound.
-    """
-    rows = weight.detach()[::SAMPLE_STRIDE].float()
-    index = torch.arange(0, weight.shape[0], SAMPLE_STRIDE, device=rows.device, dtype=torch.float64)
-    u = (torch.frac(index * 0.6180339887498949) + 1.0).float()  # golden-ratio steps: no two rows weigh alike
-    stats = torch.stack([rows.norm() * SAMPLE_STRIDE**0.5, u @ rows.sum(dim=1), u @ rows.abs().sum(dim=1)])
-    scale, checksum, bound = stats.tolist()  # one device sync
-    return scale, checksum, bound
 
 
 def _swaps_to_perm(piv: torch.Tensor, m: int) -> np.ndarray:
@@ -135,10 +154,29 @@ def _panel_lu(panel: torch.Tensor, pivots: torch.Tensor | None, name: str) -> tu
     return lu, order[torch.from_numpy(sub).to(panel.device)]
 
 
-def _column_major(t: torch.Tensor) -> torch.Tensor:
-    """A column-major copy: LAPACK's layout, so lu_factor and solve_triangular copy nothing more (and, on a busy
-    machine, start no threads for those copies)."""
-    return t.T.contiguous().T
+def _column_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A column-major `dtype` copy in one pass: LAPACK's layout, so lu_factor and solve_triangular copy nothing."""
+    return torch.empty((t.shape[1], t.shape[0]), dtype=dtype, device=t.device).copy_(t.T).T
+
+
+def _row_weights(m: int, device: torch.device) -> torch.Tensor:
+    """Weights of the sampled rows of an m-row weight: distinct (golden-ratio steps in [1, 2)), so moving a row
+    moves the checksum."""
+    index = np.arange(0, m, SAMPLE_STRIDE, dtype=np.float64)
+    return torch.from_numpy(np.modf(index * 0.6180339887498949)[0] + 1.0).to(device)
+
+
+def _clamp_tiny_pivots(z0: torch.Tensor, U_rows: torch.Tensor, floor: float, name: str) -> torch.Tensor:
+    """z0 with pivots below `floor` replaced by +-max(|row of U|, floor), with a warning naming the layer.
+
+    A clamped pivot takes its row's max |u|: A's row then stays within [-1, 1] (a bare floor would give entries
+    ~1e6..1e37, inf once cast to fp16), and B diag(z0) A is still exactly the top-r LU product.
+    """
+    tiny = z0.abs() < floor
+    warnings.warn(f"{name}: {int(tiny.sum())} of {z0.numel()} pivots are below {floor:.3g} (rank-deficient weight); "
+                  f"clamped to +-max(|row of U|, {floor:.3g}). Consider a smaller rank for this layer.", stacklevel=3)
+    sign = torch.where(z0 < 0, -1.0, 1.0).to(z0.dtype)
+    return torch.where(tiny, sign * U_rows.abs().amax(dim=1).clamp(min=floor), z0)
 
 
 def top_r_ldu(
@@ -152,6 +190,7 @@ def top_r_ldu(
     """Top-r LDU factors (B, z0, A) of `weight` (out x in), computed in `factor_dtype` whatever the weight dtype.
 
     `pivots` (up to `rank` row indices) forces the first elimination steps to those rows, as stored in adapter files.
+    Few, large tensor operations and one device sync per weight: their count, not their flops, sets the time.
     """
     dtype = _DTYPES[factor_dtype] if isinstance(factor_dtype, str) else factor_dtype
     m, n = weight.shape
@@ -161,45 +200,34 @@ def top_r_ldu(
     if forced > rank:
         raise ValueError(f"{name}: {forced} forced pivots for rank {rank}")
     W = weight.detach()
-    scale, checksum, bound = weight_checksum(W)
-    panel = _column_major(W[:, :rank].to(dtype))
-    if not (math.isfinite(scale) and math.isfinite(bound) and bool(torch.isfinite(panel).all())):
-        raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")  # in what the factors read
-
     # 1. panel LU: P^T W[:, :r] = L_panel U11 (the forced rows first)
-    lu, perm = _panel_lu(panel, pivots, name)
+    lu, perm = _panel_lu(_column_major(W[:, :rank], dtype), pivots, name)
     L_panel = torch.tril(lu, diagonal=-1)
     L_panel[:rank].diagonal().fill_(1.0)  # unit lower (m, r)
-    U11 = torch.triu(lu[:rank])  # (r, r)
-
-    # 2. the rest of the first r rows of U: U12 = L11^-1 (P^T W)[:r, r:]
-    U12 = torch.linalg.solve_triangular(L_panel[:rank], _column_major(W[perm[:rank], rank:].to(dtype)), upper=False,
-                                        unitriangular=True)
-    U_rows = torch.cat([U11, U12], dim=1)  # (r, n)
-    if not bool(torch.isfinite(U12).all()):
-        raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")  # in a pivot row
-
-    # 3. pivots; a (near-)zero pivot would divide by zero, so clamp it (documented in README). A clamped pivot
-    # takes its row's max |u| (at least the floor): A's row then stays within [-1, 1] (a bare floor would give
-    # entries ~1e6..1e37, inf once cast to fp16), and B diag(z0) A is still exactly the top-r LU product.
-    z0 = U11.diagonal().clone()
-    floor = max(pivot_eps * float(z0.abs().max()), torch.finfo(dtype).tiny)
-    tiny = z0.abs() < floor
-    if tiny.any():
-        warnings.warn(
-            f"{name}: {int(tiny.sum())} of {rank} pivots are below {floor:.3g} (rank-deficient weight); clamped to "
-            f"+-max(|row of U|, {floor:.3g}). Consider a smaller rank for this layer.",
-            stacklevel=2,
-        )
-        sign = torch.where(z0 < 0, -1.0, 1.0).to(dtype)
-        z0 = torch.where(tiny, sign * U_rows.abs().amax(dim=1).clamp(min=floor), z0)
-    A = U_rows / z0[:, None]
-
+    # 2. the first r rows of U: L11^-1 (P^T W)[:r]; their first r columns are the LU's own U11
+    U_rows = torch.linalg.solve_triangular(L_panel[:rank], W[perm[:rank]].to(dtype), upper=False, unitriangular=True)
+    U_rows[:, :rank] = torch.triu(lu[:rank])
+    z0 = U_rows.diagonal().clone()
+    # 3. everything the checks need, in one sync: the row sample (weight_checksum), finiteness, pivots, multipliers
+    rows = W[::SAMPLE_STRIDE].to(dtype)
+    (min_z0, max_z0), (l_min, l_max), u = torch.aminmax(z0.abs()), torch.aminmax(L_panel), _row_weights(m, W.device)
+    u = u.to(dtype)
+    stats = torch.stack([rows.norm(), u @ rows.sum(dim=1), u @ torch.linalg.vector_norm(rows, 1, dim=1),
+                         U_rows.sum(), min_z0, max_z0, l_min, l_max]).tolist()
+    sample_norm, checksum, bound, u_sum, min_z0, max_z0, l_min, l_max = stats
+    l_sum, max_multiplier = l_min + l_max, max(-l_min, l_max)  # NaN/inf in L shows in its extremes
+    if not all(map(math.isfinite, (sample_norm, bound, u_sum, l_sum))):
+        raise ValueError(f"{name}: weight contains NaN or inf; cannot decompose it")
+    floor = max(pivot_eps * max_z0, torch.finfo(dtype).tiny)
+    if min_z0 < floor:  # (near-)zero pivots would divide by zero
+        z0 = _clamp_tiny_pivots(z0, U_rows, floor, name)
     # 4. multipliers back in original row order: B = P L_panel
-    B = torch.empty_like(L_panel, memory_format=torch.contiguous_format)
+    B = torch.empty((m, rank), dtype=dtype, device=W.device)
     B[perm] = L_panel
-    return LDUFactors(B=B, z0=z0, A=A, pivots=perm[:rank].clone(), weight_norm=max(scale, float(panel.norm())),
-                      roundoff=unit_roundoff(W.dtype), checksum=checksum, checksum_bound=bound)
+    return LDUFactors(B=B, z0=z0, A=U_rows.div_(z0[:, None]), pivots=perm[:rank].clone(),
+                      weight_norm=max(sample_norm * SAMPLE_STRIDE**0.5, float(z0.abs().max())),
+                      roundoff=unit_roundoff(W.dtype), checksum=checksum, checksum_bound=bound,
+                      max_multiplier=max_multiplier)
 
 
 def legacy_pivots(weight: torch.Tensor, rank: int, canonical_dtype: str | None) -> torch.Tensor:

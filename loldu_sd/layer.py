@@ -21,9 +21,9 @@ from .decompose import LDUFactors, fingerprint, leading_factors, top_r_ldu
 
 def _init_z(cfg: LoLDUConfig, z0: torch.Tensor) -> torch.Tensor:
     """Trainable z at init (paper Table V); the residual keeps z0, so only 'ldu' is identity at init."""
-    mean, std = z0.mean(), z0.std() if z0.numel() > 1 else torch.zeros(())
     if cfg.init == "ldu":
         return z0.clone()
+    mean, std = z0.mean(), z0.std() if z0.numel() > 1 else torch.zeros(())
     if cfg.init == "uniform":
         a, b = cfg.init_range
         return torch.empty_like(z0).uniform_(a, b)
@@ -91,8 +91,9 @@ MAX_DELTA_RATIO = 1e4
 def delta_ratio(s: torch.Tensor, B: torch.Tensor, A: torch.Tensor, weight_norm: float) -> torch.Tensor:
     """Upper bound of ||B diag(s) A||_F / ||W0||_F as a 0-dim float64 tensor (NaN/inf when s is not finite)."""
     r = s.numel()
-    bound = (s.double().abs() * B[:, :r].double().norm(dim=0) * A[:r].double().norm(dim=1)).sum()
-    return bound / max(weight_norm, 1e-30)
+    # the norms in the factors' dtype (no m x r float64 copies), the r products in float64 (no overflow to inf)
+    norms = (B[:, :r].norm(dim=0) * A[:r].norm(dim=1)).double()
+    return (s.double().abs() * norms).sum() / max(weight_norm, 1e-30)
 
 
 def ratio_problem(ratio: float) -> str | None:
@@ -157,6 +158,7 @@ class LoLDUAdapter(nn.Module):
         self.weight_norm = factors.weight_norm
         self.roundoff = factors.roundoff  # of the base weight's dtype: how far another copy of the base may differ
         self.checksum, self.checksum_bound = factors.checksum, factors.checksum_bound
+        self.max_multiplier = factors.max_multiplier
         self.mix_weight = 1.0  # set by set_active: this adapter's share in a mix
 
     @property
@@ -189,7 +191,7 @@ class LoLDUAdapter(nn.Module):
     def fingerprint(self) -> torch.Tensor:
         """Fingerprint of the base weight this adapter was built on."""
         return fingerprint(LDUFactors(None, self.z0, None, self.pivots, self.weight_norm, self.roundoff,
-                                      self.checksum, self.checksum_bound))
+                                      self.checksum, self.checksum_bound, self.max_multiplier))
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -304,9 +306,10 @@ class LoLDULinear(nn.Linear):
     def set_active(self, names: list[str], weights: list[float] | None = None) -> None:
         """Activate `names` with mixing weights (default 1.0 each)."""
         weights = [1.0] * len(names) if weights is None else weights
+        adapters = self.loldu_adapters._modules  # a plain dict: switching is a hot path
         for n, w in zip(names, weights):
-            self.loldu_adapters[n].mix_weight = float(w)
-        self.loldu_active = list(names)
+            adapters[n].__dict__["mix_weight"] = float(w)  # a float attribute: nn.Module's checks are moot
+        self.loldu_active[:] = names  # in place: no nn.Module attribute assignment
 
     # ---- forward / merge ------------------------------------------------------------------------------------
     def combined_diag(self, names: list[str] | None = None, scale: float = 1.0) -> torch.Tensor | None:

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .decompose import LDUFactors
+from .decompose import LDUFactors, single_threaded
 from .io import _plan_load, read_adapter_file
 from .layer import change_diag
-from .naming import checkpoint_prefixes
 from .model import _wrap_linears, components, loldu_layers, remove_loldu
+from .naming import checkpoint_prefixes
 
 # (component, layer name) -> (offset, rank) in an adapter's packed diagonal
 Layout = dict[tuple[str, str], tuple[int, int]]
@@ -59,8 +59,8 @@ class ResidentLibrary:
         name = name or meta.get("adapter_name") or path.stem
         if name in self._diags:
             raise ValueError(f"{path}: adapter name {name!r} is already in the library; pass another name")
-        config, plan, maps = _plan_load(path, tensors, meta, self.components, checkpoint_prefixes(self.components),
-                                        cache=self._factors)
+        config, plan, maps = single_threaded(lambda: _plan_load(
+            path, tensors, meta, self.components, checkpoint_prefixes(self.components), cache=self._factors))
         for comp, modules in maps.items():
             layers = _wrap_linears(self.components[comp], [e[1] for e in plan if e[0] == comp], modules)
             for c, layer_name, _, _, factors in plan:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .config import LoLDUConfig
+from .decompose import LDUFactors, single_threaded, top_r_ldu
 from .layer import LoLDULinear, RuntimeScale, check_adapter_name, ratio_problem
-
 
 Components = nn.Module | Mapping[str, nn.Module | None]  # a model, or a pipeline's named models
 
@@ -94,9 +94,23 @@ def add_loldu(module: nn.Module, config: LoLDUConfig, adapter_name: str = "defau
     missing = [name for name in layer_names if name not in modules]
     if missing:
         raise ValueError(f"no submodule named {missing[0]!r} in this {type(module).__name__}")
+    factors = _new_factors(modules, layer_names, config)  # before any change: a failure leaves the model as it was
     for name, layer in _wrap_linears(module, layer_names, modules).items():
-        layer.add_adapter(adapter_name, config, layer_name=name)
+        layer.add_adapter(adapter_name, config, factors=factors[name], layer_name=name)
     return module
+
+
+def _new_factors(modules: dict[str, nn.Module], layer_names: list[str], config: LoLDUConfig) -> dict[str, LDUFactors]:
+    """The factors a new adapter of each named layer needs (what add_adapter would compute), on one torch thread."""
+    def factorise(name: str) -> LDUFactors:
+        layer = modules[name]
+        rank = min(config.rank, layer.in_features, layer.out_features)
+        if isinstance(layer, LoLDULinear):  # keep the held row order and rank: other adapters share them
+            current = 0 if layer.loldu_B is None else layer.loldu_B.shape[1]
+            return layer.factorise(config, max(rank, current), name, layer.loldu_pivots)
+        return top_r_ldu(layer.weight, rank, config.factor_dtype, config.pivot_eps, name)
+
+    return single_threaded(lambda: {name: factorise(name) for name in layer_names})
 
 
 def loldu_parameters(module: Components, adapter_name: str | None = None) -> list[nn.Parameter]:
@@ -154,8 +168,12 @@ def check_not_merged(module: Components, action: str) -> None:
     """RuntimeError naming the merged (fused) adapters: `action` would mix fused and unfused state silently."""
     merged = merged_adapters(module)
     if merged:
-        raise RuntimeError(f"adapters {merged} are merged (fused) into the weights; unmerge before {action} "
-                           "(pipelines: unfuse_loldu())")
+        raise RuntimeError(merged_message(merged, action))
+
+
+def merged_message(merged: list[str], action: str) -> str:
+    """The error check_not_merged raises."""
+    return f"adapters {merged} are merged (fused) into the weights; unmerge before {action} (pipelines: unfuse_loldu())"
 
 
 def _check_names(module: Components, names: list[str]) -> None:
@@ -192,11 +210,34 @@ def set_loldu_adapters(module: Components, names: str | list[str], weights: floa
     """Make `names` the active adapters, each with a mixing weight (default 1.0)."""
     names = [names] if isinstance(names, str) else list(names)
     weights = mix_weights(names, weights)
-    _check_names(module, names)
-    check_not_merged(module, "changing the active adapters")  # check first: no half-switched model
-    for _, layer in loldu_layers(module):
+    layers = layer_objects(module)  # one walk serves the checks and the switch
+    present = list(dict.fromkeys(n for layer in layers for n in layer.loldu_adapters))
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"unknown LoLDU adapter(s) {missing}; present: {present}")
+    merged = sorted({n for layer in layers for n in layer.loldu_merged})
+    if merged:  # checked first: no half-switched model
+        raise RuntimeError(merged_message(merged, "changing the active adapters"))
+    for layer in layers:
         here = [(n, w) for n, w in zip(names, weights) if n in layer.loldu_adapters]
         layer.set_active([n for n, _ in here], [w for _, w in here])
+
+
+def layer_objects(modules: Components) -> list[LoLDULinear]:
+    """Every LoLDU layer of a model (or of a mapping's models), in one walk that builds no names."""
+    found: list[LoLDULinear] = []
+    seen: set[int] = set()
+    stack = list(components(modules).values())[::-1]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, LoLDULinear):
+            found.append(m)  # its children are its adapters: nothing to find below
+        else:
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return found
 
 
 def get_loldu_adapters(module: Components) -> dict[str, float]:

@@ -6,9 +6,8 @@ from torch import nn
 
 import loldu_sd
 from loldu_sd import LoLDUConfig, top_r_ldu
-from loldu_sd.decompose import lapack_threads
 
-from .timing import busy_cores, clock, fmt, paired, rounds, summary, table
+from .timing import busy_cores, clock, fmt, paired, rounds, summary, table, torch_threads
 
 SD15_SHAPES = [(320, 320, 30), (320, 768, 10), (640, 640, 30), (640, 768, 10), (1280, 1280, 36), (1280, 768, 12)]
 
@@ -60,7 +59,7 @@ def bench_injection(args) -> dict:
 
 def bench_load_threads(weights: list[torch.Tensor], args) -> dict:
     """What load_loldu factorises (r=32, the file's pivot order forced onto a bf16 copy) on a quiet and a busy
-    machine, with torch's default thread count and with one thread (what add_loldu/load_loldu use)."""
+    machine, with torch's default thread count (what add_loldu/load_loldu run with) and with one thread."""
     dev = torch.device(args.device)
     made = [top_r_ldu(w, 32 if min(w.shape) >= 32 else min(w.shape)) for w in weights]
     copies = [w.bfloat16() for w in weights]
@@ -68,7 +67,7 @@ def bench_load_threads(weights: list[torch.Tensor], args) -> dict:
 
     def load(threads):
         def run():
-            with lapack_threads(threads):
+            with torch_threads(threads):
                 [top_r_ldu(w, f.pivots.numel(), pivots=f.pivots) for w, f in zip(copies, made)]
         return run
 

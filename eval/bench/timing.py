@@ -85,3 +85,15 @@ def busy_cores(n: int | None = None):
             proc.terminate()
         for proc in procs:
             proc.wait()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch threads, then restore the count (the benchmark compares thread counts; the
+    library itself never changes them)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
