@@ -13,8 +13,15 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 
 def _values_key(tensors, kind):
-    """The file's per-layer values key ('loldu.z' or its successor) or its pivots key."""
-    return next(k for k in tensors if k.endswith("loldu.pivots" if kind == "pivots" else ("loldu.z", "loldu.dz")))
+    """The file's key of z ('loldu.z' or its change 'loldu.dz'), of sigma (likewise) or of the pivots."""
+    ends = {"z": ("loldu.z", "loldu.dz"), "sigma": ("loldu.sigma", "loldu.dsigma"), "pivots": ("loldu.pivots",)}
+    return next(k for k in tensors if k.endswith(ends[kind]))
+
+
+def _set_sigma(tensors, layer, value):
+    """Make layer `layer`'s sigma `value` (sigma0 = alpha/rank = 1 in these files)."""
+    key = _values_key(tensors, "sigma")
+    tensors[key][layer] = value - (1.0 if key.endswith("dsigma") else 0.0)
 
 
 EDITS = {  # case: (edit of (tensors, metadata), words the one line holds)
@@ -28,6 +35,9 @@ EDITS = {  # case: (edit of (tensors, metadata), words the one line holds)
                 "is int32, not a floating-point tensor"),
     "z_bool": (lambda t, m: t.update({_values_key(t, "z"): t[_values_key(t, "z")] != 0}),
                "is bool, not a floating-point tensor"),
+    "sigma_beyond_max": (lambda t, m: _set_sigma(t, 1, 6.0), "layer blocks.0.attn.to_v has sigma 6, outside (0, "
+                         "sigma_max=1] of its config"),
+    "sigma_negative": (lambda t, m: _set_sigma(t, 0, -0.5), "has sigma -0.5, outside (0, sigma_max=1]"),
     "pivots_float": (lambda t, m: t.update({_values_key(t, "pivots"): t[_values_key(t, "pivots")].float() + 0.4}),
                      "is float32, not an integer tensor"),
 }
@@ -80,3 +90,14 @@ def test_a_file_of_no_layers_is_refused_by_the_resident_library_too(adapter, tin
     with pytest.raises(LoLDUFormatError, match=r"empty.safetensors: corrupted LoLDU metadata \(layers lists no layer"):
         library.load(tmp_path / "empty.safetensors")  # was: torch.cat(): expected a non-empty list
     assert len(library) == 0
+
+
+def test_a_sigma_outside_sigma_max_is_never_saved(tiny_net, tmp_path):
+    net = tiny_net()
+    add_loldu(net, LoLDUConfig(rank=4, target_modules=["to_q"]))
+    layer = next(m for m in net.modules() if hasattr(m, "loldu_adapters"))
+    with torch.no_grad():
+        layer.loldu_adapters["default"].dsigma.fill_(5.0)  # sigma 6 with sigma_max 1: training never gets there
+    with pytest.raises(ValueError, match=r"a.safetensors: not saved: layer .* has sigma 6, outside \(0, sigma_max=1\]"):
+        save_loldu(tmp_path / "a.safetensors", net)
+    assert not (tmp_path / "a.safetensors").exists()
