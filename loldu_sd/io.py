@@ -29,12 +29,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoLDUConfig
 from . import migration
-from .decompose import LDUFactors, fingerprint, leading_factors, top_r_ldu, unit_roundoff
+from .config import LoLDUConfig
+from .decompose import LDUFactors, fingerprint, leading_factors, single_threaded, top_r_ldu, unit_roundoff
 from .layer import LoLDULinear, adapter_name_problem, change_diag, delta_ratio, ratio_problem
-from .model import (Components, _submodules, _wrap_linears, components, get_loldu_config, loldu_adapter_names,
-                    loldu_layers, loldu_value_problem, merged_adapters, remove_loldu)
+from .model import (
+    Components,
+    _submodules,
+    _wrap_linears,
+    components,
+    get_loldu_config,
+    loldu_adapter_names,
+    loldu_layers,
+    loldu_value_problem,
+    merged_adapters,
+    remove_loldu,
+)
 
 FORMAT_NAME = "loldu"
 FORMAT_VERSION = 3
@@ -217,7 +227,7 @@ def _check_base(path: Path, where: str, factors: LDUFactors, stored: torch.Tenso
             raise _base_mismatch(head, "a row checksum (sign- and row-order-sensitive)", mine[3], theirs[3])
         if not math.isclose(mine[4], theirs[4], rel_tol=Z0_UNITS * units + Z0_FLOOR):
             raise _base_mismatch(head, "a first pivot", mine[4], theirs[4])
-    multiplier = float(factors.B.abs().max())
+    multiplier = factors.max_multiplier
     if not multiplier <= 1 + MULTIPLIER_UNITS * units + MULTIPLIER_FLOOR:  # NaN (0/0 at a zero pivot) fails too
         raise LoLDUBaseMismatchError(f"{head}: the file's pivot rows do not dominate their columns here (multiplier "
                                      f"{multiplier:.4g} > 1), so these are not the weights it was made on")
@@ -238,8 +248,8 @@ def _layer_pivots(path: Path, where: str, weight: torch.Tensor, rank: int, versi
         return migration.legacy_layer_pivots(path, where, weight, rank, stored, canonical, LoLDUFormatError,
                                                 FORMAT_VERSION)
     rows = pivots.long()
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]
-                         or rows.unique().numel() != rows.numel()):
+    listed = rows.tolist()  # a few dozen ints: plain Python checks them without tensor ops
+    if listed and (min(listed) < 0 or max(listed) >= weight.shape[0] or len(set(listed)) != len(listed)):
         raise LoLDUFormatError(f"{path}: corrupted pivot order at {where}: rows must be distinct and below "
                                f"{weight.shape[0]}")
     return rows, _file_roundoff(path, where, float(stored[2]))
@@ -277,7 +287,7 @@ def resident_factors(layer: nn.Module, config: LoLDUConfig, rank: int, pivots: t
         if (a.rank >= rank and _decomposition(a.config) == _decomposition(config)
                 and torch.equal(a.pivots[:rank].cpu(), pivots.cpu())):
             return LDUFactors(layer.loldu_B[:, :rank], a.z0[:rank], layer.loldu_A[:rank], a.pivots[:rank],
-                              a.weight_norm, a.roundoff, a.checksum, a.checksum_bound)
+                              a.weight_norm, a.roundoff, a.checksum, a.checksum_bound, a.max_multiplier)
     return None
 
 
@@ -341,13 +351,14 @@ class _FileView:
     config: LoLDUConfig
     version: int
     canonical: str | None  # format 1's pivot dtype
+    finite: bool = False  # the current component's values are all finite (checked once, not per layer)
 
 
 def _plan_layer(f: _FileView, where: str, layer: nn.Module, rank: int, values: tuple, stored: torch.Tensor,
                 pivots: torch.Tensor | None, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor, LDUFactors]:
     """(dz, dsigma, factors) of one layer, checked against this model without changing it."""
     path, config = f.path, f.config
-    if not (torch.isfinite(values[0]).all() and torch.isfinite(values[1]) and torch.isfinite(stored).all()):
+    if not f.finite and not (torch.isfinite(values[0]).all() and torch.isfinite(values[1])):
         raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
     if not isinstance(layer, nn.Linear):
         raise LoLDUFormatError(f"{path}: target {where} is a {type(layer).__name__}, not a Linear layer")
@@ -414,6 +425,7 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
         problem = _scale_problem(config, f.version, comp, entries, sigma)  # training never leaves the bound
         if problem:
             raise LoLDUFormatError(f"{path}: corrupted: {problem}")
+        f.finite = bool(torch.isfinite(z).all() and torch.isfinite(sigma).all())  # else each layer looks: names it
         modules = maps[comp] = _submodules(comps[comp])
         ranks = [int(r) for _, r in entries]
         pivs = piv.split(ranks) if piv is not None else [None] * len(ranks)
@@ -450,7 +462,7 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
         raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
                                "or delete that adapter first")
     fused = merged_adapters(comps)
-    config, plan, maps = _plan_load(path, tensors, meta, comps, name_prefixes or {})
+    config, plan, maps = single_threaded(lambda: _plan_load(path, tensors, meta, comps, name_prefixes or {}))
     try:
         layers = {comp: _wrap_linears(comps[comp], [e[1] for e in plan if e[0] == comp], modules)
                   for comp, modules in maps.items()}
