@@ -97,9 +97,10 @@ def test_vae_stage_trains_resumes_and_stores_the_kind_head_and_latent_scale(tmp_
     with pytest.raises(KeyboardInterrupt):
         codec.train_vae(tmp_path / "b", steps=3, batch=2, seed=0, latent_channels=4, checkpoint_every=1)
     monkeypatch.setattr(codec, "codec_loss", loss)
-    codec.train_vae(tmp_path / "b", steps=3, batch=2, seed=0, latent_channels=4, resume=True)
+    codec.train_vae(tmp_path / "b", steps=3, batch=2, seed=0, latent_channels=4, resume=True, workers=2)
     a, b = (common.model_tensors(p / "vae_state.safetensors", "vae") for p in (tmp_path / "a", tmp_path / "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)  # resuming repeats an uninterrupted run bit for bit
+    # resuming, with batches rendered by worker processes, repeats an uninterrupted run bit for bit
+    assert all(torch.equal(a[k], b[k]) for k in a)
     head = codec.load_kind_head(tmp_path / "a", 4)
     assert head.weight.shape[:2] == (1 + len(W.KINDS), 4) and not head.weight.requires_grad
     vae = AutoencoderKL.from_pretrained(tmp_path / "a" / "vae")
@@ -284,3 +285,21 @@ def test_kind_agreement_is_lowest_when_the_estimate_names_the_true_latents_kinds
     right = generator.kind_agreement(head, z, z)
     assert right < generator.kind_agreement(head, z.flip(-1), z)
     assert right < generator.kind_agreement(head, torch.zeros_like(z), z)
+
+
+@pytest.mark.slow
+def test_recipe_runs_every_stage_and_resumes_on_a_second_call(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loldu_sd.toyworld import load_pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TINY": "1", "WORKERS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for _ in range(2):  # the second call continues every finished stage instead of refusing or retraining
+        subprocess.run(["bash", str(root / "research" / "toyworld" / "recipe.sh"), str(tmp_path), "cpu"], cwd=root,
+                       env=env, check=True, capture_output=True)
+    pipe = load_pipeline(tmp_path / "pipeline")
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == 16

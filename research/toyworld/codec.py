@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from loldu_sd.toyworld import world as W
 from loldu_sd.toyworld.models import build_vae
 
-from .common import Checkpointer, Log, edge_weights, gaussian_blur, images_to_tensor, lr_at, psnr, resume_step
+from .common import (Checkpointer, Log, edge_weights, gaussian_blur, images_to_tensor, lr_at, psnr, resume_step,
+                     step_batches)
 
 # as SD's VAE: against the per-pixel loss it keeps the latent channels near unit scale
 KL_WEIGHT = 1e-6
@@ -91,24 +92,34 @@ def kind_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (weights * -(targets * F.log_softmax(logits, 1)).sum(1)).mean() / weights.mean()
 
 
-def codec_loss(vae, kind_head, x: torch.Tensor, scenes, rng: random.Random) -> torch.Tensor:
+def codec_example(seed: int, step: int, batch: int, side: int) -> dict:
+    """One step's batch, from its step number alone: images, kind targets at latent size `side`, noise seed, blur."""
+    rng = random.Random((seed + 1) * 1_000_003 + step)
+    images, scenes = codec_batch(rng, batch)
+    return {"x": images_to_tensor(images), "targets": kind_targets(scenes, side),
+            "noise_seed": rng.randrange(2**63), "blur": rng.uniform(0.5, 1.0)}
+
+
+def codec_loss(vae, kind_head, example: dict) -> torch.Tensor:
     """Edge-weighted L1 + MSE of the reconstruction (a share decoded from blurred latents), kind head, KL."""
-    gen = torch.Generator(x.device).manual_seed(rng.randrange(2**63))  # per step: a resumed run draws the same
+    device = vae.device
+    x, targets = example["x"].to(device), example["targets"].to(device)
+    gen = torch.Generator(device).manual_seed(example["noise_seed"])  # per step: a resumed run draws the same
     post = vae.encode(x).latent_dist
     z = post.sample(generator=gen)
-    blurred = torch.rand(len(x), generator=gen, device=x.device).cpu() < BLURRED_SHARE
+    blurred = torch.rand(len(x), generator=gen, device=device).cpu() < BLURRED_SHARE
     z_dec = z.clone()
     if blurred.any():
-        z_dec[blurred] = gaussian_blur(z[blurred], rng.uniform(0.5, 1.0))
+        z_dec[blurred] = gaussian_blur(z[blurred], example["blur"])
     rec = vae.decode(z_dec).sample
     # edge weights: with a plain mean loss the wide backgrounds drown the shapes and their decorations
     loss = (edge_weights(x) * ((rec - x).abs() + 0.5 * (rec - x) ** 2)).mean()
-    targets = kind_targets(scenes, z.shape[-1]).to(x.device)
     return loss + KIND_WEIGHT * kind_loss(kind_head(z), targets) + KL_WEIGHT * post.kl().mean()
 
 
 def train_vae(out: Path, steps: int, batch: int, seed: int, latent_channels: int | None = None,
-              device: str = "cpu", resume: bool = False, lr: float = 1e-3, checkpoint_every: int = 250) -> None:
+              device: str = "cpu", resume: bool = False, lr: float = 1e-3, checkpoint_every: int = 250,
+              workers: int = 0) -> None:
     """Train the autoencoder (resumable), then store the latent scale and the kind head beside it."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -119,12 +130,15 @@ def train_vae(out: Path, steps: int, batch: int, seed: int, latent_channels: int
     models = {"vae": vae, "kind_head": kind_head}
     path, log = out / "vae_state.safetensors", Log(out / "vae_loss.jsonl", every=25)
     start, saver = resume_step(path, models, opt, resume), Checkpointer(path, models, opt, checkpoint_every)
-    for step in range(start, steps):
-        rng = random.Random((seed + 1) * 1_000_003 + step)
-        images, scenes = codec_batch(rng, batch)
+    side = W.SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def make(step: int) -> dict:
+        return codec_example(seed, step, batch, side)
+
+    for step, example in enumerate(step_batches(make, start, steps, workers), start):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
-        loss = codec_loss(vae, kind_head, images_to_tensor(images, device), scenes, rng)
+        loss = codec_loss(vae, kind_head, example)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

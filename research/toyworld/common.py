@@ -67,6 +67,30 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
+# ---- data ------------------------------------------------------------------------------------------------------------
+class _StepData(torch.utils.data.Dataset):
+    """Item i is `make(start + i)`: each step's batch depends on its step number only, so workers may prefetch."""
+
+    def __init__(self, make, start: int, steps: int):
+        self.make, self.start, self.steps = make, start, steps
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __getitem__(self, i: int):
+        return self.make(self.start + i)
+
+
+def step_batches(make, start: int, steps: int, workers: int = 0):
+    """Iterate `make(step)` for step in [start, steps), rendered by `workers` processes ahead of the training step.
+
+    Rendering runs on the CPU (PIL); on a GPU it would otherwise leave the device idle most of each step.
+    """
+    data = _StepData(make, start, steps)
+    return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                       prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
 def save_state(path: Path, step: int, models: dict, opt: torch.optim.Optimizer) -> None:
     """Write models and optimizer state as one safetensors file (atomically: a crash leaves the previous one)."""

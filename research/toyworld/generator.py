@@ -24,7 +24,7 @@ from loldu_sd.toyworld.world import caption, render, sample_scene
 
 from .codec import kind_loss, load_kind_head
 from .common import (Checkpointer, Log, checkpoint_step, edge_weights, images_to_tensor, lr_at, model_tensors,
-                     resume_step)
+                     resume_step, step_batches)
 
 GENERATOR_KIND_WEIGHT = 0.2
 INIT_FILE = "generator_init.json"  # written when the generator starts from an earlier pipeline (--init_from)
@@ -32,10 +32,10 @@ TEXT_ENCODER_DIR = "text_encoder"  # the run's copy of the generator's frozen te
 STATE_FILE = "generator_state.safetensors"
 
 
-def scene_batch(rng: random.Random, n: int, device: str = "cpu") -> tuple[torch.Tensor, list[str]]:
+def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
     """n random pretraining scenes as an image tensor and their captions."""
     scenes = [sample_scene(rng) for _ in range(n)]
-    return images_to_tensor([render(s) for s in scenes], device), [caption(s) for s in scenes]
+    return images_to_tensor([render(s) for s in scenes]), [caption(s) for s in scenes]
 
 
 def generator_text_encoder(out: Path, source: str | Path | None):
@@ -53,7 +53,8 @@ def generator_text_encoder(out: Path, source: str | Path | None):
 
 def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, decay_steps: int | None = None,
                     init_from: Path | None = None, kind_weight: float = GENERATOR_KIND_WEIGHT,
-                    text_encoder: str | Path | None = None, device: str = "cpu", resume: bool = False) -> None:
+                    text_encoder: str | Path | None = None, device: str = "cpu", resume: bool = False,
+                    workers: int = 0) -> None:
     """Train the UNet on captioned scenes under the frozen text encoder; keep an EMA copy (resumable).
 
     With `init_from` (a pipeline folder) a fresh run starts from that pipeline's UNet: another cycle of the
@@ -78,15 +79,15 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
         ema_unet.load_state_dict(init_weights)
         (out / INIT_FILE).write_text(json.dumps({"from": str(init_from), "cycles": init_cycles}) + "\n")
     log = Log(out / "generator_loss.jsonl")
-    for step in range(start, steps):
-        rng = random.Random(seed * 1_000_003 + 500_000 + step)
-        x, captions = scene_batch(rng, batch, device)
-        captions = ["" if rng.random() < 0.1 else c for c in captions]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+
+    def make(step: int) -> dict:
+        return generator_example(tokenizer, seed, step, batch)
+
+    for step, example in enumerate(step_batches(make, start, steps, workers), start):
+        x, ids = example["x"].to(device), example["ids"].to(device)
+        gen = torch.Generator(device).manual_seed(example["noise_seed"])  # per step: a resumed run draws the same
         for g in opt.param_groups:
             g["lr"] = lr_at(step, decay_steps or steps, lr, 300)
-        gen = torch.Generator(device).manual_seed(rng.randrange(2**63))  # per step: a resumed run draws the same
         loss = generator_loss(unet, vae, encoder, kind_head, scheduler, x, ids, kind_weight, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,6 +96,16 @@ def train_generator(out: Path, steps: int, batch: int, seed: int, lr: float, dec
         _ema_update(ema_unet, unet, step)
         log.add(step, loss.item())
         saver.maybe_save(step, steps)
+
+
+def generator_example(tokenizer, seed: int, step: int, batch: int) -> dict:
+    """One step's batch from its step number alone: images, token ids (10 % empty captions), a noise seed."""
+    rng = random.Random(seed * 1_000_003 + 500_000 + step)
+    x, captions = scene_batch(rng, batch)
+    captions = ["" if rng.random() < 0.1 else c for c in captions]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return {"x": x, "ids": ids, "noise_seed": rng.randrange(2**63)}
 
 
 def generator_loss(unet, vae, encoder, kind_head, scheduler, x, ids, kind_weight: float,

@@ -24,14 +24,16 @@ from .judges import train_judges
 IMAGE_TOWER_STEPS = 1500  # the image-text judge's soft-view fine-tune (judges.train_image_tower)
 
 
-def plot_losses(out: Path, dest: Path) -> Path:
-    """One panel per training stage: the logged loss curves of <out>/*_loss.jsonl."""
+def plot_losses(out: Path, dest: Path) -> Path | None:
+    """One panel per training stage: the logged loss curves of <out>/*_loss.jsonl (None when nothing was logged)."""
+    logs = sorted(out.glob("*_loss.jsonl"))
+    if not logs:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = sorted(out.glob("*_loss.jsonl"))
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
     for ax, path in zip(axes[0], logs):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge_steps", type=int, default=1500)
     p.add_argument("--image_tower_steps", type=int, default=IMAGE_TOWER_STEPS,
                    help="then fine-tune the image-text judge's image tower on soft views (text tower frozen), once")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes rendering batches ahead of the training step (use several with --device cuda)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (this command's process only)")
     return p
 
@@ -83,13 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("vae", "all"):
-        train_vae(out, args.vae_steps, args.vae_batch, args.seed, args.latent_channels, args.device, args.resume)
+        train_vae(out, args.vae_steps, args.vae_batch, args.seed, args.latent_channels, args.device, args.resume,
+                  workers=args.workers)
     if args.stage in ("judges", "all"):
         train_judges(out, args.judge_steps, args.seed, image_tower_steps=args.image_tower_steps, device=args.device,
                      resume=args.resume)
     if args.stage in ("generator", "all"):
         train_generator(out, args.steps, args.batch, args.seed, args.lr, args.decay_steps, args.init_from,
-                        args.kind_weight, args.text_encoder, args.device, args.resume)
+                        args.kind_weight, args.text_encoder, args.device, args.resume, args.workers)
     if args.stage in ("export", "all"):
         print(export_pipeline(out, out / "pipeline", args.seed))
         print(plot_losses(out, out / "pretraining_loss.png"))
