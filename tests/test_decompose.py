@@ -2,6 +2,8 @@
 (portability across precision copies); rank-deficient weights."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -131,6 +133,11 @@ def test_decomposing_leaves_the_thread_count_alone():
     net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 16))
     loldu_sd.add_loldu(net, LoLDUConfig(rank=4, target_modules=["0", "1"]))
     assert torch.get_num_threads() == before  # a library never changes process-wide settings
+    seen = []  # nor those of threads started afterwards (torch seeds a new thread's count from the last one set)
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]
 
 
 def test_rank_above_min_dim_and_non_finite_weights_are_refused():

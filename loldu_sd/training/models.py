@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -61,8 +62,9 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     cast = diffusers_dtype(dtype)  # frozen weights in the mixed-precision dtype
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **cast)
-    else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **hub, **cast)
+    else:  # SDXL's own VAE overflows in fp16: float32, as diffusers' SDXL scripts keep it unless a fixed VAE is given
+        vae_cast = diffusers_dtype(torch.float32) if text_encoder_2 is not None else cast
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **hub, **vae_cast)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **hub, **cast)
     text_encoder.to(dtype=dtype)
     for model in (text_encoder, text_encoder_2, vae, unet):
@@ -181,6 +183,9 @@ def generate_samples(pipe, args: argparse.Namespace) -> list[Image.Image]:
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(args.validation_prompt or args.instance_prompt, num_images_per_prompt=args.num_validation_images,
-                num_inference_steps=args.validation_inference_steps, height=args.resolution, width=args.resolution,
-                generator=torch.Generator().manual_seed(args.seed)).images
+    # SDXL's float32 VAE under mixed precision decodes half-precision latents under autocast, as diffusers' scripts do
+    mixed = pipe.vae.dtype != pipe.unet.dtype
+    with torch.autocast(pipe.device.type, dtype=pipe.unet.dtype) if mixed else contextlib.nullcontext():
+        return pipe(args.validation_prompt or args.instance_prompt, num_images_per_prompt=args.num_validation_images,
+                    num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                    width=args.resolution, generator=torch.Generator().manual_seed(args.seed)).images
