@@ -77,8 +77,8 @@ def read_image(source: str | Path | bytes, name: str | None = None, max_bytes: i
         raise ImageReadError(f"{label}: {len(data) / 2**20:.1f} MB is over the {max_bytes // 2**20} MB limit per image")
     kind = next((k for magic, k in _SHELL_OUT.items() if data.lstrip()[:4] == magic), None)
     if kind:  # said plainly: the formats= limit refuses it too, but "cannot identify" would not say why
-        raise ImageReadError(f"{label}: not a readable image ({kind} content is never decoded: PIL would run "
-                             f"Ghostscript on it); use {_FORMAT_NAMES} files")
+        raise ImageReadError(f"{label}: not a readable image ({kind} content, which loldu-sd never decodes: it "
+                             f"would need Ghostscript); use {_FORMAT_NAMES} files")
     try:
         return _decode(data, max_pixels)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
