@@ -147,6 +147,8 @@ def test_unusable_instance_folders_are_one_line_errors(tmp_path, case, match):
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     (["--adam_epsilon", "inf"], "--adam_epsilon must be a finite number"),
     (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number"),
+    (["--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", " "], "needs --class_prompt"),
+    (["--validation_prompt", " "], "--validation_prompt is empty"),
     (["--output_dir", ""], "--output_dir is empty"),  # was: trained into the current folder, over its README.md
     (["--output_dir", "  "], "--output_dir is empty"),
     (["--alpha", "nan"], "--alpha must be a finite number > 0, got nan"),  # was: failed at step 1 blaming the lr

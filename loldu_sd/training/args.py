@@ -134,7 +134,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.with_prior_preservation:
         need(args.class_data_dir, "--with_prior_preservation needs --class_data_dir (class images are read or "
                                   "generated there)")
-        need(args.class_prompt, "--with_prior_preservation needs --class_prompt, e.g. 'a photo of a robot'")
+        need((args.class_prompt or "").strip(), "--with_prior_preservation needs --class_prompt, e.g. 'a photo of a "
+                                                "robot'")
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir/--class_prompt are ignored without --with_prior_preservation")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
@@ -158,6 +159,8 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.resolution >= 8 and args.resolution % 8 == 0,
          f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     need(args.instance_prompt.strip(), "--instance_prompt is empty; use e.g. 'a photo of sks robot'")
+    need(args.validation_prompt is None or args.validation_prompt.strip(),
+         "--validation_prompt is empty; leave it out to validate with the instance prompt")
     need(args.report_to in ("tensorboard", "wandb", "comet_ml", "all", "none"),
          f"--report_to must be tensorboard, wandb, comet_ml, all or none, got {args.report_to!r}")
     need(args.resume_from_checkpoint != "", "--resume_from_checkpoint is empty; give a checkpoint folder or 'latest'")
