@@ -1,7 +1,8 @@
 """Scoring on the embedded toy world: `--backbones toyworld`, the judges' sanity table, the base model's accuracy.
 
     python -m eval sanity                     # judges' sanity table + the base model's attribute accuracy
-    python -m eval score --backbones toyworld --generated outs/star --reference assets/toyworld/concepts/star ...
+    python -m eval score --backbones toyworld --generated outs/star \
+        --reference loldu_sd/toyworld/assets/concepts/star ...
 
 The judges (loldu_sd.toyworld.judges) play DINO (instance encoder) and CLIP (image-text model). Attribute accuracy
 asks the image-text judge, zero-shot, which kind, colour and background colour a sample shows, among captions that
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loldu_sd.toyworld import ASSETS_DIR, GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
+from loldu_sd.toyworld import GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
 from loldu_sd.toyworld.concepts import CONCEPTS, concept_photos
 from loldu_sd.toyworld.world import COLOURS, HELD_OUT_PAIRS, KINDS, Scene, Thing, render
 
@@ -24,7 +25,7 @@ from .scorer import Scorer, load_images
 
 TOYWORLD = "toyworld"
 # generated images with the kind a person saw in each, labelled without seeing the prompts (docs/toyworld.md)
-EYE_LABELS_DIR = ASSETS_DIR / "eye_labels"
+EYE_LABELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "eye_labels"
 
 
 def toyworld_scorer(judges_dir: str | Path = JUDGES_DIR, **kwargs) -> Scorer:

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from loldu_sd.toyworld import CONCEPTS_DIR
+
 pytest.importorskip("peft")
 from eval import quality, quality_report, quality_store  # noqa: E402
 from eval.ceiling import codec_ceiling, codec_round_trip  # noqa: E402
@@ -280,8 +282,8 @@ def test_two_processes_give_the_single_process_dreambooth_scores(tiny_sd, tmp_pa
     loldu_sd.diffusers.add_loldu_to_unet(pipe.unet, loldu_sd.LoLDUConfig(rank=2), "dog")
     pipe.save_loldu_weights(tmp_path / "adapter")
     flags = ["-m", "eval", "dreambooth", "--pretrained_model_name_or_path", str(tiny_sd), "--subject", "dog",
-             "--adapter", str(tmp_path / "adapter"), "--reference", str(ROOT / "assets" / "toyworld" / "concepts" /
-                                                                          "star"),
+             "--adapter", str(tmp_path / "adapter"), "--reference",
+             str(CONCEPTS_DIR / "star"),
              "--class_token", "dog", "--images_per_prompt", "1", "--prompts_limit", "3", "--num_inference_steps", "2",
              "--with_base", "--backbones", "toyworld"]
     results = []

@@ -60,11 +60,9 @@ def test_concepts_have_five_varied_photos_and_25_prompts():
 
 
 def test_committed_concept_images_match_the_generator(tmp_path):
-    from pathlib import Path
-
     from PIL import Image
 
-    committed = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "concepts"
+    from loldu_sd.toyworld import CONCEPTS_DIR as committed
     C.write_concept(C.CONCEPTS["eye"], tmp_path / "eye")
     for i in range(5):
         a = np.asarray(Image.open(committed / "eye" / f"{i:02d}.png"))
@@ -165,11 +163,12 @@ def test_kind_probe_agrees_with_a_persons_labels_of_generated_images(judges):
 
 def test_eval_score_runs_on_the_toyworld_backbones(tmp_path):
     import json
-    from pathlib import Path
 
     from eval.__main__ import main
 
-    star = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "concepts" / "star"
+    from loldu_sd.toyworld import CONCEPTS_DIR
+
+    star = CONCEPTS_DIR / "star"
     assert main(["score", "--generated", str(star), "--reference", str(star), "--prompt", "a photo of a sks star",
                  "--backbones", "toyworld", "--out", str(tmp_path)]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
@@ -222,3 +221,31 @@ def test_eval_sanity_writes_the_judges_table_attribute_and_per_kind_accuracy(tmp
     assert result["eye_labels"]["n"] == 96 and (tmp_path / "samples.png").is_file()
     assert all(10 < r["codec_psnr"] < 60 and 0 < r["codec_dino"] <= 1 for r in result["sanity"])
     assert (tmp_path / "codec.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_wheel_built_from_the_repository_ships_the_toy_world_and_draws_with_it(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import shutil
+
+    root, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    # built from a copy: a build/ folder left in the checkout would hide files missing from the package data
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "runs",
+                                                                "outputs", "tmp"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    installed = tmp_path / "site"
+    zipfile.ZipFile(next((tmp_path / "wheel").glob("loldu_sd-*.whl"))).extractall(installed)
+    script = ("import loldu_sd, torch; from loldu_sd.toyworld import load_pipeline, sample_concept_files; "
+              "assert loldu_sd.__file__.startswith(%r), loldu_sd.__file__; assert len(sample_concept_files()) == 5; "
+              "pipe = load_pipeline(); g = torch.Generator().manual_seed(0); "
+              "im = pipe('a photo of a red star', num_inference_steps=2, generator=g).images[0]; print(im.size)"
+              % str(installed))
+    # run outside the repository with the wheel's files first on the path: nothing can come from the checkout
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(installed), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and out.stdout.strip() == "(64, 64)", out.stderr[-2000:]

@@ -1,7 +1,7 @@
 """The embedded toy world: a genuinely pretrained text-to-image pipeline, its judges and held-out concepts.
 
 Everything here was trained by `python -m research.toyworld.pretrain` (in the repository, not installed) and is
-committed under assets/toyworld (fp16 safetensors), so it loads offline:
+committed under loldu_sd/toyworld/assets (fp16 safetensors, package data), so it loads offline:
 
     from loldu_sd.toyworld import GUIDANCE_SCALE, load_pipeline
     pipe = load_pipeline()                       # a real StableDiffusionPipeline, 64x64 images
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # package data: a wheel installs it with the code
 PIPELINE_DIR = ASSETS_DIR / "pipeline"
 JUDGES_DIR = ASSETS_DIR / "judges"
 CONCEPTS_DIR = ASSETS_DIR / "concepts"
@@ -50,8 +50,8 @@ def load_pipeline(path: str | Path = PIPELINE_DIR, dtype=None):
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no toy-world pipeline at {path} (model_index.json missing); the repository ships "
-                                "it under assets/toyworld/pipeline")
+        raise FileNotFoundError(f"no toy-world pipeline at {path} (model_index.json missing); loldu-sd ships it "
+                                "as package data under loldu_sd/toyworld/assets/pipeline")
     pipe = StableDiffusionPipeline.from_pretrained(path).to(dtype=dtype or torch.float32)  # stored fp16, loads fp32
     pipe.set_progress_bar_config(disable=True)
     return pipe

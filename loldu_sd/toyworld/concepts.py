@@ -4,7 +4,7 @@ Each is a particular instance of a class the base model knows (a particular star
 with 5 instance images that vary position, size and background as photos do, a class noun, and a prompt list in
 DreamBooth's spirit: recontextualisation, sizes, positions, counts and a property change.
 
-    python -m loldu_sd.toyworld.concepts --out assets/toyworld/concepts     # (re)writes the committed images
+    python -m loldu_sd.toyworld.concepts --out loldu_sd/toyworld/assets/concepts     # (re)writes the committed images
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def is_held_out(kind: str, colour: str, decorations) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """CLI: write every concept's images and prompts."""
     p = argparse.ArgumentParser(description="Write the held-out concepts' instance images and prompt lists.")
-    p.add_argument("--out", default="assets/toyworld/concepts")
+    p.add_argument("--out", default="loldu_sd/toyworld/assets/concepts")
     args = p.parse_args(argv)
     for c in CONCEPTS.values():
         print(write_concept(c, Path(args.out) / c.name))
