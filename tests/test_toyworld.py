@@ -156,7 +156,8 @@ def test_kind_probe_agrees_with_a_persons_labels_of_generated_images(judges):
     from eval.toyworld import eye_label_agreement
 
     agreement = eye_label_agreement(judges)
-    assert agreement["n"] == 96 and agreement["eye = prompt"] == 1.0  # the labels as recorded (docs/toyworld.md)
+    # the labels as recorded (docs/toyworld-research.md, finding 17)
+    assert agreement["n"] == 96 and agreement["eye = prompt"] == 1.0
     # measured 0.625 (60 of 96); the judge before its image tower's fine-tune: 0.573 (55)
     assert agreement["judge = eye"] >= 0.6, agreement
 

@@ -18,7 +18,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # package data: a wheel
 PIPELINE_DIR = ASSETS_DIR / "pipeline"
 JUDGES_DIR = ASSETS_DIR / "judges"
 CONCEPTS_DIR = ASSETS_DIR / "concepts"
-GUIDANCE_SCALE = 2.0  # measured best for the toy model (docs/toyworld.md, finding 13); SD's 7.5 washes out its shapes
+# measured best for the toy model (docs/toyworld-research.md, finding 13); SD's 7.5 washes out its shapes
+GUIDANCE_SCALE = 2.0
 INFERENCE_STEPS = 20
 # LoLDU settings for a concept on this small model (eval.before_after runs picked them; see docs/toyworld.md)
 LEARNING_RATE = 1e-3
