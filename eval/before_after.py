@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from loldu_sd.pipeline import load_loldu_weights
 from loldu_sd.toyworld import PIPELINE_DIR, load_pipeline
 from loldu_sd.toyworld.concepts import CONCEPTS, IDENTIFIER, concept_photos, prompts
 
@@ -39,8 +40,6 @@ def prior_similarity(scorer, base, adapted) -> float:
 
 def run(pipeline: str | Path, adapter: str | Path, concept_name: str, seed: int = 0) -> dict:
     """Generate and score base and adapter images; returns scores and the images for the picture."""
-    import loldu_sd.diffusers  # noqa: F401  (gives Stable Diffusion pipelines load_loldu_weights)
-
     concept, scorer = CONCEPTS[concept_name], toyworld_scorer()
     pipe, texts = load_pipeline(pipeline), prompts(concept)
     reference = concept_photos(concept_name)
@@ -48,7 +47,7 @@ def run(pipeline: str | Path, adapter: str | Path, concept_name: str, seed: int 
     out = {"concept": concept_name, "adapter": str(adapter), "seed": seed, "images": {}}
     for label in ("base", "adapter"):
         if label == "adapter":
-            pipe.load_loldu_weights(adapter)
+            load_loldu_weights(pipe, adapter)
         out[label] = score_set(scorer, generate(pipe, texts, seed), reference, texts)
         out["images"][label] = generate(pipe, shown, seed + 1000)
         out["images"][label + "_class"] = generate(pipe, [concept.class_prompt] * PRIOR_SAMPLES, seed + 2000)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from loldu_sd.images import to_rgb
+from loldu_sd.pipeline import delete_loldu_adapters, load_loldu_weights
 
 from .prompts import dreambooth_prompts, is_live, subject_class
 from .scorer import load_images, markdown_table, write_csv, write_json
@@ -167,11 +168,11 @@ def evaluate(pipe, scorer, subjects: list[Subject], out: str | Path, images_per_
         key = (tuple(prompts), images_per_prompt)
         if with_base and key not in base_cache:  # same prompts and seeds without adapter, shared by such subjects
             base_cache[key] = run("base", out / "base" / f"{s.unique_token}_{s.class_token}".replace(" ", "_"))
-        name = pipe.load_loldu_weights(s.adapter, adapter_name=s.name)
+        name = load_loldu_weights(pipe, s.adapter, adapter_name=s.name)
         try:
             adapted = run("LoLDU", out / s.name / "images")
         finally:
-            pipe.delete_loldu_adapters(name or s.name)  # the next subject starts from the base model again
+            delete_loldu_adapters(pipe, name or s.name)  # the next subject starts from the base model again
         if main:
             if with_base and key not in base_embeddings:
                 imgs, names, texts = base_cache[key]
@@ -274,10 +275,9 @@ def subjects_from_args(args) -> list[Subject]:
 
 
 def load_pipeline(name_or_path: str, device: str):
-    """StableDiffusionPipeline (fp16 on CUDA) with LoLDU's pipeline methods and its own progress bar off."""
+    """StableDiffusionPipeline (fp16 on CUDA) with its own progress bar off."""
     from diffusers import StableDiffusionPipeline
 
-    import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines load_loldu_weights & co.)
     from loldu_sd.training.models import diffusers_dtype
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -290,7 +290,7 @@ def run(args) -> dict:
     """`python -m eval dreambooth`: load, generate, score, write; prints the table."""
     from .scorer import scorer_from_args
 
-    from loldu_sd.diffusers import resolve_adapter_file
+    from loldu_sd.pipeline import resolve_adapter_file
 
     subjects = subjects_from_args(args)
     if args.images_per_prompt < 1:

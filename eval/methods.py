@@ -64,7 +64,7 @@ def _loldu_configs(args: argparse.Namespace) -> tuple:
 
 def add_loldu(models, args: argparse.Namespace, concept: Concept) -> Trainable:
     """LoLDU as the trainer adds it (its Trainable and file); the modules option adds text encoder, feed-forward."""
-    from loldu_sd.diffusers import add_loldu_to_text_encoder, add_loldu_to_unet
+    from loldu_sd.pipeline import add_loldu_to_text_encoder, add_loldu_to_unet
     from loldu_sd.model import cast_loldu_parameters
 
     unet_config, text_config = _loldu_configs(args)

@@ -1,7 +1,8 @@
 """loldu-sd: kilobyte-sized LoLDU adapters (arXiv 2410.13618) for Stable Diffusion and transformers models.
 
-The core works on any nn.Module. `import loldu_sd.diffusers` (explicit, documented) gives diffusers' Stable
-Diffusion pipelines `pipe.load_loldu_weights(...)` and friends; `import loldu_sd` alone touches no other library.
+The core works on any nn.Module; `loldu_sd.pipeline` holds the same operations for diffusers pipelines as plain
+functions. Only `import loldu_sd.diffusers` (the documented opt-in) adds `pipe.load_loldu_weights(...)` and friends to
+the SD/SDXL pipeline classes; no other import or call of loldu-sd changes another library's classes.
 """
 from .config import INITS, LoLDUConfig
 from .decompose import LDUFactors, top_r_ldu

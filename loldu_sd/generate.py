@@ -43,18 +43,18 @@ def main(args: argparse.Namespace) -> list[Path]:
     import torch
     from diffusers import DiffusionPipeline
 
-    import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
+    from loldu_sd.pipeline import fuse_loldu, load_loldu_weights, set_loldu_adapters
     from loldu_sd.training.models import diffusers_dtype
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **diffusers_dtype(dtype))
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    names = [pipe.load_loldu_weights(a, adapter_name=f"adapter{i}") for i, a in enumerate(args.adapter)]
+    names = [load_loldu_weights(pipe, a, adapter_name=f"adapter{i}") for i, a in enumerate(args.adapter)]
     if names:
-        pipe.set_loldu_adapters(names, args.adapter_weight or None)
+        set_loldu_adapters(pipe, names, args.adapter_weight or None)
         if args.fuse:
-            pipe.fuse_loldu()
+            fuse_loldu(pipe)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=size,

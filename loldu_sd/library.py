@@ -18,6 +18,7 @@ from .io import _plan_load, read_adapter_file
 from .layer import change_diag
 from .model import _wrap_linears, components, loldu_layers, remove_loldu
 from .naming import checkpoint_prefixes
+from .pipeline import pipeline_components
 
 # (component, layer name) -> (offset, rank) in an adapter's packed diagonal
 Layout = dict[tuple[str, str], tuple[int, int]]
@@ -35,8 +36,7 @@ class ResidentLibrary:
     @classmethod
     def for_pipeline(cls, pipe) -> ResidentLibrary:
         """A library over a diffusers pipeline's UNet and text encoders."""
-        names = ("unet", "text_encoder", "text_encoder_2")
-        return cls({n: getattr(pipe, n) for n in names if isinstance(getattr(pipe, n, None), nn.Module)})
+        return cls(pipeline_components(pipe))
 
     def names(self) -> list[str]:
         """Resident adapter names, in load order."""

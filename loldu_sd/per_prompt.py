@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from numbers import Real
 
 import torch
-from torch import nn
 
 from .batch import Entry, Mix, RowPlan, per_sample_adapters
 from .config import bounded_weight
 from .library import ResidentLibrary
-
-# models inside a per_prompt_adapters block: a nested block or a fuse there would render the wrong adapters
-_IN_BLOCK: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def check_outside_per_prompt_block(components: Mapping[str, nn.Module], what: str) -> None:
-    """A one-line ValueError when any of `components` is inside a per_prompt_adapters block."""
-    if any(m in _IN_BLOCK for m in components.values()):
-        raise ValueError(f"{what} inside a per_prompt_adapters block of this pipeline; leave the block first "
-                         "(one block per pipeline at a time: give every prompt its mix in one list)")
+from .pipeline import (check_outside_per_prompt_block, follow_pipeline_scale, inside_per_prompt_block,
+                       pipeline_components)
 
 
 def unet_rows(pipe) -> RowPlan:
@@ -54,8 +44,6 @@ def per_prompt_adapters(pipe, adapters: Sequence[Entry], library: ResidentLibrar
     Names come from the pipeline's loaded adapters and, if given, `library`. Bad entries raise one ValueError line
     before anything changes; leaving the block restores the previous adapter state exactly.
     """
-    from .diffusers import _follow_pipeline_scale, pipeline_components  # diffusers only once a pipeline is used
-
     comps = pipeline_components(pipe)
     check_outside_per_prompt_block(comps, "per_prompt_adapters")
     for i, entry in enumerate(adapters if isinstance(adapters, Sequence) and not isinstance(adapters, str) else []):
@@ -63,12 +51,9 @@ def per_prompt_adapters(pipe, adapters: Sequence[Entry], library: ResidentLibrar
             if isinstance(weight, Real) and math.isfinite(weight):  # the rest: per_sample_adapters says what is wrong
                 bounded_weight(weight, f"per_prompt_adapters: adapter entry {i}: the weight of {name!r}")
     with per_sample_adapters(comps, adapters, library, {"unet": unet_rows(pipe)}, "per_prompt_adapters") as mixes:
-        _follow_pipeline_scale(pipe)  # the runtime scale reaches library-only layers too (as after a load)
-        _IN_BLOCK.update(comps.values())
-        try:
+        follow_pipeline_scale(pipe)  # the runtime scale reaches library-only layers too (as after a load)
+        with inside_per_prompt_block(comps):
             yield mixes
-        finally:
-            _IN_BLOCK.difference_update(comps.values())
 
 
 __all__ = ["check_outside_per_prompt_block", "per_prompt_adapters", "unet_rows"]

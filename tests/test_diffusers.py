@@ -257,7 +257,7 @@ def test_missing_local_path_and_offline_hub(pipe, tmp_path, monkeypatch):
         pipe.load_loldu_weights("someone/some-loldu-adapter")
 
 
-def test_methods_come_from_one_explicit_import_on_the_sd_loader_mixins():
+def test_methods_come_from_one_explicit_import_on_sd_pipeline_classes():
     """`import loldu_sd` leaves diffusers alone; `import loldu_sd.diffusers` gives SD/SDXL pipelines the methods."""
     import subprocess
     import sys

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .. import pipeline as pipeline_fns
 from ..io import LoLDUFormatError, read_adapter_file
+from ..per_prompt import per_prompt_adapters
 from ..training.errors import first_line
 from .inputs import (
     MAX_ADAPTER_BYTES,
@@ -77,7 +79,6 @@ class Studio:
                 import torch
                 from diffusers import DiffusionPipeline
 
-                import loldu_sd.diffusers  # noqa: F401  (gives SD pipelines the LoLDU methods)
                 from loldu_sd.training.models import diffusers_dtype
 
                 self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,11 +107,11 @@ class Studio:
             return cached[1]
         pipe = self.pipeline()
         if cached:
-            pipe.delete_loldu_adapters(cached[1])
+            pipeline_fns.delete_loldu_adapters(pipe, cached[1])
             del self._loaded[info.name]
         internal = f"studio_{next(self._ids)}"  # library names may clash with module attributes; these cannot
         try:
-            pipe.load_loldu_weights(str(info.weights), adapter_name=internal)
+            pipeline_fns.load_loldu_weights(pipe, str(info.weights), adapter_name=internal)
         except LoLDUFormatError as e:
             raise StudioError(f"adapter {info.name!r}: {str(e).replace(str(info.weights) + ': ', '')}") from None
         self._loaded[info.name] = (key, internal)
@@ -126,7 +127,7 @@ class Studio:
             except OSError:
                 fresh = False
             if not fresh:
-                self._pipe.delete_loldu_adapters(internal)
+                pipeline_fns.delete_loldu_adapters(self._pipe, internal)
                 del self._loaded[name]
 
     def loaded_adapters(self) -> list[str]:
@@ -141,7 +142,7 @@ class Studio:
             started = time.perf_counter()
             self._evict_stale()
             names = [self._load(n) for n, _ in adapters]
-            pipe.set_loldu_adapters(names, [float(w) for _, w in adapters])
+            pipeline_fns.set_loldu_adapters(pipe, names, [float(w) for _, w in adapters])
             return time.perf_counter() - started
 
     def _check_exist(self, names: Sequence[str]) -> None:
@@ -176,7 +177,7 @@ class Studio:
             self._evict_stale()
             entries = [self._load(n) for n in req.adapters] + ([None] if req.include_base else [])
             size, started, n = self.resolution, time.perf_counter(), len(entries)
-            with pipe.per_prompt_adapters(entries):
+            with per_prompt_adapters(pipe, entries):
                 out = pipe([req.prompt] * n, negative_prompt=[req.negative_prompt] * n if req.negative_prompt else None,
                            num_inference_steps=req.steps, guidance_scale=req.guidance, height=size, width=size,
                            generator=[torch.Generator(self.device).manual_seed(req.seed) for _ in entries])
@@ -199,8 +200,8 @@ class Studio:
             with self._lock:  # a failed load leaves the pipeline unchanged; a successful one is removed again
                 pipe = self.pipeline()
                 probe = f"studio_probe_{next(self._ids)}"
-                pipe.load_loldu_weights(str(path), adapter_name=probe)
-                pipe.delete_loldu_adapters(probe)
+                pipeline_fns.load_loldu_weights(pipe, str(path), adapter_name=probe)
+                pipeline_fns.delete_loldu_adapters(pipe, probe)
         except LoLDUFormatError as e:
             msg = str(e).replace(str(path) + ": ", "")
             raise StudioError(f"{shown}: rejected: {msg}") from None
@@ -245,7 +246,7 @@ class Studio:
         """Export an adapter as the exact equivalent standard LoRA file (diffusers/peft or kohya keys)."""
         from safetensors.torch import save_file
 
-        from ..diffusers import export_lora_state_dict, pipeline_components
+        from ..pipeline import export_lora_state_dict, pipeline_components
 
         if format not in ("diffusers", "kohya"):
             raise StudioError(f"LoRA format must be 'diffusers' or 'kohya', got {format!r}")

@@ -411,7 +411,7 @@ def load_checkpoint(folder: Path, accelerator, components: dict[str, torch.nn.Mo
                     optimizer, lr_scheduler) -> dict:
     """Resume: check every file of the checkpoint (no pickle, every tensor's shape, dtype and finiteness, every state
     field's type and range), then restore adapter, optimizer, scheduler and RNG; returns the training state."""
-    from ..diffusers import LOLDU_WEIGHT_NAME
+    from ..io import LOLDU_WEIGHT_NAME
 
     refuse_pickles(folder)
     try:

@@ -239,7 +239,7 @@ class _Run:
 
     def finish(self, started: float) -> TrainingResult:
         """Check that every process holds the same adapter, write it, then samples, card and upload."""
-        from ..diffusers import save_pipeline_adapter
+        from ..pipeline import save_pipeline_adapter
         from ..io import LOLDU_WEIGHT_NAME
 
         accelerator, args = self.accelerator, self.args

@@ -124,7 +124,7 @@ def make_accelerator(args: argparse.Namespace):
 
 def models_with_adapters(args: argparse.Namespace, accelerator):
     """Frozen base models in the mixed-precision dtype with LoLDU adapters whose z/sigma stay fp32."""
-    from ..diffusers import add_loldu_to_text_encoder, add_loldu_to_unet
+    from ..pipeline import add_loldu_to_text_encoder, add_loldu_to_unet
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
@@ -163,7 +163,7 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
 
 def check_rank_fits(unet, config) -> None:
     """--rank must fit every targeted UNet layer: a smaller one would keep fewer pivots than the metadata records."""
-    from ..diffusers import unet_target_layers
+    from ..pipeline import unet_target_layers
     from ..model import find_targets
 
     targets = config.target_modules

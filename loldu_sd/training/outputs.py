@@ -16,6 +16,7 @@ from PIL import Image
 from .args import loldu_config
 from .checkpoints import LOCK_NAME
 from .errors import TrainingError, TrainingInputError, first_line
+from ..pipeline import load_loldu_weights
 from .models import diffusers_dtype, generate_samples, pipeline_from_args
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ def final_outputs(args: argparse.Namespace, accelerator, result: TrainingResult,
         if args.pretrained_vae_model_name_or_path:
             extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **extra)
         pipe = pipeline_from_args(args, **extra).to(accelerator.device)
-        from ..diffusers import load_loldu_weights
-
         load_loldu_weights(pipe, out)  # as users will load it: the file, not the in-memory adapter
         result.images = generate_samples(pipe, args)
         del pipe

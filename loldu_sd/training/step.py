@@ -51,7 +51,7 @@ class Trainable:
 def loldu_trainable(components: dict[str, nn.Module], base_model: str | None = None) -> Trainable:
     """LoLDU adapters already added to `components`: z and sigma, projected after each step, saved as one file."""
     def save(folder: Path) -> Path:
-        from ..diffusers import save_pipeline_adapter  # imported late: it adds the pipeline methods to diffusers
+        from ..pipeline import save_pipeline_adapter
 
         return save_pipeline_adapter(folder, components, base_model=base_model)
 
