@@ -74,3 +74,39 @@ def test_bench_smoke_writes_every_field(tmp_path):
     assert all(t["pass"] in (True, False) for t in res["targets"]), [t for t in res["targets"] if t["pass"] is None]
     for t in res["targets"]:
         assert {"target", "required", "measured", "value", "pass"} <= set(t)
+
+
+def fake_run(switch_ours: list[float]) -> dict:
+    """Results in eval.bench's JSON layout for the figures the record keeps (times in seconds, three rounds)."""
+    def v(*xs):
+        return {"values": list(xs), "median": sorted(xs)[1]}
+
+    return {"meta": {"date": "d", "device": "cpu"},
+            "injection": {"times": {"top_r_ldu_r32": v(0.10, 0.11, 0.12), "full_lu": v(2.0, 2.1, 2.2)}},
+            "sd": {"rounds": {"ours:32": {"inject": v(0.10, 0.10, 0.11), "infer_ratio": v(1.0, 1.01, 1.02)},
+                              "lora:4": {"inject": v(0.30, 0.32, 0.31)}},
+                   "pipeline": {"load_ratio": v(0.20, 0.21, 0.22),
+                                "switch": {"ours:32": v(*switch_ours), "lora:4": v(0.005, 0.0052, 0.0051)}},
+                   "train": {"ours:32": {"step_ratio": v(1.0, 1.02, 1.01)}, "lora:4": {"step_ratio": v(1.05, 1.04,
+                                                                                                      1.06)}}}}
+
+
+def test_compare_flags_an_artificially_slowed_switch_and_nothing_else():
+    """A copy of a run whose switch took 20 ms longer (a delay, as a regression would add) shows in --compare."""
+    from eval.bench import record
+
+    recorded = record.summarise(fake_run([0.0010, 0.0011, 0.0012]))
+    assert len(recorded["figures"]) == 7
+    same = record.compare(record.summarise(fake_run([0.0011, 0.0010, 0.0012])), recorded)
+    assert [r["figure"] for r in same if r["moved"]] == []
+    slowed = record.compare(record.summarise(fake_run([t + 0.020 for t in (0.0010, 0.0011, 0.0012)])), recorded)
+    assert [(r["figure"], r["verdict"]) for r in slowed if r["moved"]] == [("switch ours / set_adapters LoRA",
+                                                                             "slower")]
+
+
+def test_committed_record_holds_ratios_only():
+    from eval.bench import record
+
+    rec = record.load_record()
+    assert rec["figures"] and all(set(f) == {"median", "spread"} for f in rec["figures"].values())
+    assert set(rec["figures"]) <= set(record.figures(fake_run([0.001, 0.001, 0.001])))

@@ -16,6 +16,7 @@ import torch
 from . import __doc__ as package_doc
 from .batch import bench_batch, bench_resident
 from .injection import bench_injection, bench_llama  # noqa: F401  (main calls them as globals()[f"bench_{section}"])
+from . import record
 from .report import targets
 from .sd import bench_files_section, bench_sd
 from .timing import log
@@ -47,6 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=["injection", "llama", "sd", "files", "batch", "library"],
                    help="run one section (targets use what ran); files: adapter files and pipeline load of section sd")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true",
+                   help="compare this run's ratios with the committed record (eval/bench/record.json)")
+    p.add_argument("--record", action="store_true", help="make this run's ratios the record (commit the file)")
+    p.add_argument("--from", dest="from_json", metavar="JSON",
+                   help="run nothing: read the results of an earlier run (for --compare / --record)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--unet-dir", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -62,11 +68,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict | None:
-    """Run the selected sections, print their tables, write the JSON."""
+    """Run the selected sections (or read --from), then compare with the record (--compare) or replace it."""
     args = parse_args(argv)
     if args.worker:
         run_worker(args)
         return None
+    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run_sections(args)
+    if args.compare:
+        recorded = record.load_record()
+        record.print_compare(record.compare(record.summarise(res), recorded), recorded)
+    if args.record:
+        record.write_record(res)
+        print(f"\nrecord written: {record.RECORD_PATH}")
+    return res
+
+
+def run_sections(args) -> dict:
+    """Run the selected sections, print their tables, write the JSON."""
     logging_quiet()
     t0 = time.perf_counter()
     res = {"meta": meta(args)}

@@ -6,6 +6,7 @@ from torch import nn
 
 import loldu_sd
 from loldu_sd import LoLDUConfig, top_r_ldu
+from loldu_sd.decompose import single_threaded
 
 from .timing import busy_cores, clock, fmt, paired, rounds, summary, table, torch_threads
 
@@ -26,9 +27,9 @@ def bench_injection(args) -> dict:
             layers[f"l{k}"].weight.copy_(w)
     cfgs = {r: LoLDUConfig(rank=r, target_modules=".*") for r in (1, 8, 32)}
 
-    def ours(r):
+    def ours(r):  # on one torch thread, as add_loldu and load_loldu run it
         c = cfgs[r]
-        return lambda: [top_r_ldu(w, r, c.factor_dtype, c.pivot_eps) for w in weights]
+        return lambda: single_threaded(lambda: [top_r_ldu(w, r, c.factor_dtype, c.pivot_eps) for w in weights])
 
     def add():
         loldu_sd.add_loldu(layers, cfgs[32])
