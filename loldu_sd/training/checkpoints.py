@@ -212,13 +212,13 @@ class _Damaged(ValueError):
 def _read_json(path: Path, limit: int = MAX_JSON_BYTES):
     """A checkpoint's JSON file, size-capped and parsed; _Damaged naming it on any problem."""
     try:
-        if path.stat().st_size > limit:
-            raise _Damaged(path.name, f"over {limit // 2**20} MB")
-        return json.loads(path.read_text())
+        too_big = path.stat().st_size > limit
+        value = None if too_big else json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:
-        if isinstance(e, _Damaged):
-            raise
         raise _Damaged(path.name, f"unreadable ({type(e).__name__}: {first_line(e)})") from None
+    if too_big:
+        raise _Damaged(path.name, f"over {limit // 2**20} MB")
+    return value
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -276,7 +276,7 @@ def _check_adapter(path: Path, components: dict[str, torch.nn.Module], config: L
         tensors, meta = read_adapter_file(path)
         saved, saved_layers = parse_metadata(path, meta)
     except ValueError as e:
-        raise _Damaged(path.name, first_line(e).removeprefix(f"{path}: ")) from None
+        raise _Damaged(path.name, e.reason if isinstance(e, LoLDUFormatError) else first_line(e)) from None
     mine, layers = loldu_state_dict(components, "default", checkpoint_prefixes(components))  # names as saved
     if saved_layers != layers or saved != config:
         raise TrainingInputError(f"{path}: this checkpoint was trained with other LoLDU flags (--rank, --alpha, "
