@@ -17,6 +17,7 @@ scales with the change. Versions 1 and 2 (absolute z and sigma) are read by lold
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -64,7 +65,14 @@ LOLDU_WEIGHT_NAME = "pytorch_loldu_weights.safetensors"  # the file name in an a
 
 
 class LoLDUFormatError(ValueError):
-    """The file is not a valid LoLDU adapter for this model."""
+    """The file is not a valid LoLDU adapter for this model: `path` names the file, `reason` says what is wrong."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # pickles (multiprocessing) with both fields, not the joined message
+        return type(self), (self.path, self.reason)
 
 
 class LoLDUBaseMismatchError(LoLDUFormatError):
@@ -175,7 +183,7 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         head = f.read(16)
     # safetensors: 8-byte header length, then '{'; that length's low byte may well be 0x80, so check '{' first
     if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
-        raise LoLDUFormatError(f"{path}: is a pickle/PyTorch checkpoint, not safetensors; LoLDU never unpickles "
+        raise LoLDUFormatError(path, "is a pickle/PyTorch checkpoint, not safetensors; LoLDU never unpickles "
                                "files (convert it with safetensors.torch.save_file)")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -183,60 +191,62 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
             # only a LoLDU file's tensors are read: a multi-GB checkpoint passed by mistake is refused at once
             tensors = {k: f.get_tensor(k) for k in keys} if meta.get("format") == FORMAT_NAME else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoLDUFormatError(f"{path}: not a readable safetensors file (truncated or corrupted: {e})") from None
+        raise LoLDUFormatError(path, f"not a readable safetensors file (truncated or corrupted: {e})") from None
     if meta.get("format") != FORMAT_NAME:
         if any("lora" in k.lower() for k in keys):
-            raise LoLDUFormatError(f"{path}: is a LoRA file, not a LoLDU adapter; load it with "
+            raise LoLDUFormatError(path, "is a LoRA file, not a LoLDU adapter; load it with "
                                    "pipe.load_lora_weights(...) instead")
-        raise LoLDUFormatError(f"{path}: not a LoLDU adapter (no format='loldu' in its metadata)")
+        raise LoLDUFormatError(path, "not a LoLDU adapter (no format='loldu' in its metadata)")
     version = meta.get("format_version", "")
     if not (version.isascii() and version.isdigit() and len(version) <= 6):  # isdigit() alone accepts "²"
-        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (format_version {version!r} is not a number)")
+        raise LoLDUFormatError(path, f"corrupted LoLDU metadata (format_version {version!r} is not a number)")
     if int(version) > FORMAT_VERSION:
-        raise LoLDUFormatError(f"{path}: LoLDU format version {version} is newer than this loldu-sd reads "
+        raise LoLDUFormatError(path, f"LoLDU format version {version} is newer than this loldu-sd reads "
                                f"({FORMAT_VERSION}); upgrade loldu-sd")
     for key, tensor in tensors.items():  # values stored as int or bool, pivots as floats: truncated or misread
         if ".loldu." in f".{key}":
             whole = key.endswith("loldu.pivots")
             if tensor.is_floating_point() == whole or tensor.dtype == torch.bool or tensor.is_complex():
-                raise LoLDUFormatError(f"{path}: corrupted: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
+                raise LoLDUFormatError(path, f"corrupted: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
                                        f"not {'an integer' if whole else 'a floating-point'} tensor")
     return tensors, meta
 
 
-def _base_mismatch(head: str, what: str, here: float, stored: float) -> LoLDUBaseMismatchError:
-    return LoLDUBaseMismatchError(f"{head} has {what} {here:.6g} here vs {stored:.6g} in the file, more than the two "
-                                  "copies' rounding explains")
+def _base_mismatch(path: Path, head: str, what: str, here: float, stored: float) -> LoLDUBaseMismatchError:
+    return LoLDUBaseMismatchError(path, f"{head} has {what} {here:.6g} here vs {stored:.6g} in the file, more than "
+                                        "the two copies' rounding explains")
 
 
 def _check_base(path: Path, where: str, factors: LDUFactors, stored: torch.Tensor, file_roundoff: float,
                 version: int, weight: torch.Tensor) -> None:
     """Refuse, with the real reason, base weights that are not a precision copy of those the adapter was made on."""
     units = file_roundoff + factors.roundoff
-    head = f"{path}: made for a different base model: first mismatching layer {where}"
+    head = f"made for a different base model: first mismatching layer {where}"
     if version < 3:
-        migration.check_legacy_base(head, factors, stored, units, weight, LoLDUBaseMismatchError)
+        migration.check_legacy_base(head, factors, stored, units, weight,
+                                    functools.partial(LoLDUBaseMismatchError, path))
     else:
         mine = fingerprint(factors).tolist()
         theirs = stored.tolist()
         if not math.isclose(mine[0], theirs[0], rel_tol=NORM_UNITS * units + NORM_FLOOR):
-            raise _base_mismatch(head, "a weight scale", mine[0], theirs[0])
+            raise _base_mismatch(path, head, "a weight scale", mine[0], theirs[0])
         if not math.isclose(mine[1], theirs[1], rel_tol=Z0_UNITS * units + Z0_FLOOR):
-            raise _base_mismatch(head, "sum|z0|", mine[1], theirs[1])
+            raise _base_mismatch(path, head, "sum|z0|", mine[1], theirs[1])
         if not abs(mine[3] - theirs[3]) <= (CHECKSUM_UNITS * units + CHECKSUM_FLOOR) * factors.checksum_bound:
-            raise _base_mismatch(head, "a row checksum (sign- and row-order-sensitive)", mine[3], theirs[3])
+            raise _base_mismatch(path, head, "a row checksum (sign- and row-order-sensitive)", mine[3], theirs[3])
         if not math.isclose(mine[4], theirs[4], rel_tol=Z0_UNITS * units + Z0_FLOOR):
-            raise _base_mismatch(head, "a first pivot", mine[4], theirs[4])
+            raise _base_mismatch(path, head, "a first pivot", mine[4], theirs[4])
     multiplier = factors.max_multiplier
     if not multiplier <= 1 + MULTIPLIER_UNITS * units + MULTIPLIER_FLOOR:  # NaN (0/0 at a zero pivot) fails too
-        raise LoLDUBaseMismatchError(f"{head}: the file's pivot rows do not dominate their columns here (multiplier "
-                                     f"{multiplier:.4g} > 1), so these are not the weights it was made on")
+        raise LoLDUBaseMismatchError(path, f"{head}: the file's pivot rows do not dominate their columns here "
+                                           f"(multiplier {multiplier:.4g} > 1), so these are not the weights it was "
+                                           "made on")
 
 
 def _file_roundoff(path: Path, where: str, value: float) -> float:
     """The unit roundoff a fingerprint names, if it is one of a float dtype's: it sets the base check's tolerance."""
     if value not in KNOWN_ROUNDOFFS:
-        raise LoLDUFormatError(f"{path}: corrupted base-model fingerprint at {where}: roundoff {value:g} is not the "
+        raise LoLDUFormatError(path, f"corrupted base-model fingerprint at {where}: roundoff {value:g} is not the "
                                "unit roundoff of fp64, fp32, fp16 or bf16")
     return value
 
@@ -245,12 +255,12 @@ def _layer_pivots(path: Path, where: str, weight: torch.Tensor, rank: int, versi
                   stored: torch.Tensor, canonical: str | None) -> tuple[torch.Tensor, float]:
     """The pivot rows to force for one layer, and the unit roundoff of the base the file was made on."""
     if version == 1:
-        return migration.legacy_layer_pivots(path, where, weight, rank, stored, canonical, LoLDUFormatError,
-                                                FORMAT_VERSION)
+        return migration.legacy_layer_pivots(path, where, weight, rank, stored, canonical,
+                                             functools.partial(LoLDUFormatError, path), FORMAT_VERSION)
     rows = pivots.long()
     listed = rows.tolist()  # a few dozen ints: plain Python checks them without tensor ops
     if listed and (min(listed) < 0 or max(listed) >= weight.shape[0] or len(set(listed)) != len(listed)):
-        raise LoLDUFormatError(f"{path}: corrupted pivot order at {where}: rows must be distinct and below "
+        raise LoLDUFormatError(path, f"corrupted pivot order at {where}: rows must be distinct and below "
                                f"{weight.shape[0]}")
     return rows, _file_roundoff(path, where, float(stored[2]))
 
@@ -263,7 +273,7 @@ def _component_tensors(path: Path, tensors, comp: str, entries: list, version: i
     if (z is None or sigma is None or fp is None or z.shape != (n_values,) or sigma.shape != (n_layers,)
             or fp.shape != (n_layers, FINGERPRINT_COLUMNS[version])
             or (version >= 2 and (piv is None or piv.shape != (n_values,)))):
-        raise LoLDUFormatError(f"{path}: corrupted: tensors of component {comp!r} do not match its layer list")
+        raise LoLDUFormatError(path, f"corrupted: tensors of component {comp!r} do not match its layer list")
     return z, sigma, fp, piv
 
 
@@ -334,12 +344,12 @@ def parse_metadata(path: str | Path, meta: dict[str, str]) -> tuple[LoLDUConfig,
         config = LoLDUConfig.from_dict(json.loads(meta["config"]))
         layers = json.loads(meta["layers"])
     except RecursionError:
-        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (JSON nested too deeply)") from None
+        raise LoLDUFormatError(path, "corrupted LoLDU metadata (JSON nested too deeply)") from None
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({type(e).__name__}: {e})") from None
+        raise LoLDUFormatError(path, f"corrupted LoLDU metadata ({type(e).__name__}: {e})") from None
     problem = _layer_list_problem(layers)
     if problem:
-        raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata ({problem})")
+        raise LoLDUFormatError(path, f"corrupted LoLDU metadata ({problem})")
     return config, layers
 
 
@@ -359,12 +369,12 @@ def _plan_layer(f: _FileView, where: str, layer: nn.Module, rank: int, values: t
     """(dz, dsigma, factors) of one layer, checked against this model without changing it."""
     path, config = f.path, f.config
     if not f.finite and not (torch.isfinite(values[0]).all() and torch.isfinite(values[1])):
-        raise LoLDUFormatError(f"{path}: layer {where} holds NaN/inf values; the adapter is unusable")
+        raise LoLDUFormatError(path, f"layer {where} holds NaN/inf values; the adapter is unusable")
     if not isinstance(layer, nn.Linear):
-        raise LoLDUFormatError(f"{path}: target {where} is a {type(layer).__name__}, not a Linear layer")
+        raise LoLDUFormatError(path, f"target {where} is a {type(layer).__name__}, not a Linear layer")
     expected = min(config.rank, layer.in_features, layer.out_features)
     if rank != expected:
-        raise LoLDUFormatError(f"{path}: rank mismatch at {where}: file has {rank}, config and layer shape "
+        raise LoLDUFormatError(path, f"rank mismatch at {where}: file has {rank}, config and layer shape "
                                f"give {expected}")
     weight = base_weight(layer)
     pivots, file_roundoff = _layer_pivots(path, where, weight, rank, f.version, pivots, stored, f.canonical)
@@ -372,13 +382,13 @@ def _plan_layer(f: _FileView, where: str, layer: nn.Module, rank: int, values: t
     _check_base(path, where, factors, stored, file_roundoff, f.version, weight)  # first: the real reason
     if isinstance(layer, LoLDULinear) and layer.pivot_conflict(pivots):
         raise LoLDUFormatError(
-            f"{path}: layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
+            path, f"layer {where} already holds adapters {list(layer.loldu_adapters)} that pivot on "
             "other rows (made on another precision copy); load this adapter into a fresh model")
     dz, dsigma = values if f.version >= 3 else migration.legacy_change(*values, factors.z0, config.sigma0)
     s = change_diag(dz.to(factors.z0.device), dsigma.to(factors.z0.device), factors.z0, config.sigma0)
     problem = ratio_problem(float(delta_ratio(s, factors.B, factors.A, factors.weight_norm)))
     if problem:
-        raise LoLDUFormatError(f"{path}: layer {where} {problem}; the adapter is unusable")
+        raise LoLDUFormatError(path, f"layer {where} {problem}; the adapter is unusable")
     return dz, dsigma, factors
 
 
@@ -417,14 +427,14 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
     plan, maps = [], {}
     for comp, entries in layers.items():
         if comp not in comps:
-            raise LoLDUFormatError(f"{path}: adapter has layers for component {comp!r}, which this model lacks "
+            raise LoLDUFormatError(path, f"adapter has layers for component {comp!r}, which this model lacks "
                                    f"(have {sorted(comps)})")
         z, sigma, fp, piv = _component_tensors(path, tensors, comp, entries, f.version)
         if not torch.isfinite(fp).all():  # NaN compares unequal to everything: it would read as "other base model"
-            raise LoLDUFormatError(f"{path}: corrupted: the base-model fingerprint of component {comp!r} holds NaN/inf")
+            raise LoLDUFormatError(path, f"corrupted: the base-model fingerprint of component {comp!r} holds NaN/inf")
         problem = _scale_problem(config, f.version, comp, entries, sigma)  # training never leaves the bound
         if problem:
-            raise LoLDUFormatError(f"{path}: corrupted: {problem}")
+            raise LoLDUFormatError(path, f"corrupted: {problem}")
         f.finite = bool(torch.isfinite(z).all() and torch.isfinite(sigma).all())  # else each layer looks: names it
         modules = maps[comp] = _submodules(comps[comp])
         ranks = [int(r) for _, r in entries]
@@ -435,11 +445,11 @@ def _plan_load(path: Path, tensors, meta, comps: dict[str, nn.Module], name_pref
             where = f"{comp}.{name}" if comp else name
             name = _module_name(name, modules, (name_prefixes or {}).get(comp, ""))
             if name in seen:  # listed with and without the checkpoint prefix: one layer twice
-                raise LoLDUFormatError(f"{path}: corrupted LoLDU metadata (layer {where} is listed twice)")
+                raise LoLDUFormatError(path, f"corrupted LoLDU metadata (layer {where} is listed twice)")
             seen.add(name)
             layer = modules.get(name) if name else None
             if layer is None:
-                raise LoLDUFormatError(f"{path}: target layer {where} does not exist in this model "
+                raise LoLDUFormatError(path, f"target layer {where} does not exist in this model "
                                        "(adapter made for another architecture)")
             plan.append((comp, name, *_plan_layer(f, where, layer, int(rank), values, fp[i], pi, cache)))
     return config, plan, maps
@@ -457,9 +467,9 @@ def load_loldu(path: str | Path, modules: Components, adapter_name: str | None =
     name = (meta.get("adapter_name") or "default") if adapter_name is None else adapter_name  # "" is refused below
     problem = adapter_name_problem(name)
     if problem:
-        raise LoLDUFormatError(f"{path}: adapter name {name!r} {problem}; pass adapter_name=... to load it")
+        raise LoLDUFormatError(path, f"adapter name {name!r} {problem}; pass adapter_name=... to load it")
     if name in loldu_adapter_names(comps):
-        raise LoLDUFormatError(f"{path}: adapter name {name!r} is already loaded; pass another adapter_name "
+        raise LoLDUFormatError(path, f"adapter name {name!r} is already loaded; pass another adapter_name "
                                "or delete that adapter first")
     fused = merged_adapters(comps)
     config, plan, maps = single_threaded(lambda: _plan_load(path, tensors, meta, comps, name_prefixes or {}))

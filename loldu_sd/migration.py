@@ -9,6 +9,7 @@ the loaded copy; `legacy_change` gives the (dz, dsigma) with exactly that update
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,19 +31,20 @@ def legacy_change(z: torch.Tensor, sigma: torch.Tensor, z0: torch.Tensor, sigma0
 
 
 def legacy_layer_pivots(path: Path, where: str, weight: torch.Tensor, rank: int, stored: torch.Tensor,
-                        canonical: str | None, error: type[Exception], current: int) -> tuple[torch.Tensor, float]:
+                        canonical: str | None, error: Callable[[str], Exception], current: int
+                        ) -> tuple[torch.Tensor, float]:
     """Format 1: the pivots it chose, if this copy still picks them, and the roundoff of its canonical dtype."""
     legacy = legacy_pivots(weight, rank, canonical)
     if float(sum(k * p for k, p in enumerate(legacy.tolist(), 1))) % 16777213.0 != float(stored[2]):
         raise error(
-            f"{path}: a format version 1 file made on another precision copy of this base (layer {where} pivots "
+            f"a format version 1 file made on another precision copy of this base (layer {where} pivots "
             "on other rows here); load it on the copy it was made on and re-save it with save_loldu / "
             f"pipe.save_loldu_weights to get format version {current}, which loads on fp32, fp16 and bf16 alike")
     return legacy, unit_roundoff(getattr(torch, canonical or "float32"))
 
 
 def check_legacy_base(head: str, factors: LDUFactors, stored: torch.Tensor, units: float, weight: torch.Tensor,
-                      error: type[Exception]) -> None:
+                      error: Callable[[str], Exception]) -> None:
     """Formats 1-2: ||W0|| (a full read of the weight, as those formats stored it) and sum|z0| within rounding."""
     norm = float(torch.linalg.norm(weight.detach(), dtype=torch.float32))
     if not math.isclose(norm, stored[0], rel_tol=NORM_UNITS * units + NORM_FLOOR):

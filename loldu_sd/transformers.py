@@ -171,10 +171,10 @@ def load_transformer_adapter(path: str | Path, model: nn.Module, adapter_name: s
     params = dict(model.named_parameters())
     for name, value in heads.items():  # check every head tensor before anything is changed
         if name not in params:
-            raise LoLDUFormatError(f"{path}: head weight {name!r} has no place in this {type(model).__name__} "
+            raise LoLDUFormatError(path, f"head weight {name!r} has no place in this {type(model).__name__} "
                                    "(a model without that head?); pass load_heads=False to load the adapter alone")
         if params[name].shape != value.shape:
-            raise LoLDUFormatError(f"{path}: head weight {name} is {tuple(value.shape)} in the file but "
+            raise LoLDUFormatError(path, f"head weight {name} is {tuple(value.shape)} in the file but "
                                    f"{tuple(params[name].shape)} here (different num_labels?)")
     # raises LoLDUBaseMismatchError for other base weights
     loaded = load_loldu(path, model, adapter_name, {"": checkpoint_prefix(model)})

@@ -146,7 +146,7 @@ class AdapterLibrary:
         try:
             _, meta = read_adapter_file(weights)
         except LoLDUFormatError as e:
-            raise StudioError(f"adapter {folder.name!r}: {str(e).replace(str(weights), WEIGHT_NAME)}") from None
+            raise StudioError(f"adapter {folder.name!r}: {WEIGHT_NAME}: {e.reason}") from None
         try:
             extra = json.loads(read_inside(folder / INFO_NAME, MAX_INFO_BYTES))
             extra = extra if isinstance(extra, dict) else {}

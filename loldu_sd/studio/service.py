@@ -113,7 +113,7 @@ class Studio:
         try:
             pipeline_fns.load_loldu_weights(pipe, str(info.weights), adapter_name=internal)
         except LoLDUFormatError as e:
-            raise StudioError(f"adapter {info.name!r}: {str(e).replace(str(info.weights) + ': ', '')}") from None
+            raise StudioError(f"adapter {info.name!r}: {e.reason}") from None
         self._loaded[info.name] = (key, internal)
         return internal
 
@@ -203,8 +203,7 @@ class Studio:
                 pipeline_fns.load_loldu_weights(pipe, str(path), adapter_name=probe)
                 pipeline_fns.delete_loldu_adapters(pipe, probe)
         except LoLDUFormatError as e:
-            msg = str(e).replace(str(path) + ": ", "")
-            raise StudioError(f"{shown}: rejected: {msg}") from None
+            raise StudioError(f"{shown}: rejected: {e.reason}") from None
         return meta
 
     def import_adapter(self, upload: str | Path, name: str | None = None) -> AdapterInfo:

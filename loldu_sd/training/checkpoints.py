@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import LoLDUConfig
-from ..io import layer_values, loldu_state_dict, parse_metadata, read_adapter_file
+from ..io import LoLDUFormatError, layer_values, loldu_state_dict, parse_metadata, read_adapter_file
 from ..model import loldu_layers, loldu_value_problem
 from ..naming import checkpoint_prefixes
 from .errors import TrainingError, TrainingInputError, first_line
