@@ -49,7 +49,8 @@ class Trainable:
 
 
 def loldu_trainable(components: dict[str, nn.Module], base_model: str | None = None) -> Trainable:
-    """LoLDU adapters already added to `components`: z and sigma, projected after each step, saved as one file."""
+    """LoLDU adapters already added to `components`: their change (dz, dsigma), projected after each step, checked,
+    saved as one file."""
     def save(folder: Path) -> Path:
         from ..pipeline import save_pipeline_adapter
 
