@@ -129,7 +129,13 @@ def pixel_embed(images):
     return np.stack([np.asarray(im.resize((4, 4)), dtype=np.float64).ravel() - 127.5 for im in images])
 
 
-def test_dreambooth_evaluate_seeds_outputs_and_table(tmp_path):
+def test_dreambooth_evaluate_seeds_outputs_and_table(tmp_path, monkeypatch):
+    import eval.dreambooth
+
+    # evaluate() calls the library's pipeline functions: here they drive the fake pipeline's recorder
+    monkeypatch.setattr(eval.dreambooth, "load_loldu_weights", lambda p, path, adapter_name=None:
+                        p.load_loldu_weights(path, adapter_name))
+    monkeypatch.setattr(eval.dreambooth, "delete_loldu_adapters", lambda p, names: p.delete_loldu_adapters(names))
     subjects = [Subject(name, str(tmp_path / "adapter.safetensors"),
                         str(save_noise(tmp_path / "ref" / name, ["0.jpg", "1.jpg", "2.jpg"], seed=i)), cls)
                 for i, (name, cls) in enumerate([("dog", "dog"), ("dog2", "dog"), ("backpack", "backpack")])]
