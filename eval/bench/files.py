@@ -23,7 +23,8 @@ def randomise_(tensors: list[torch.Tensor], seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in tensors:
-            p.add_((torch.randn(p.shape, generator=g) * 0.01).to(p))
+            if p.ndim:  # z's change and LoRA's matrices; sigma stays sigma0 (within its projection bound)
+                p.add_((torch.randn(p.shape, generator=g) * 0.01).to(p))
 
 
 def save_lora_dir(unet: nn.Module, rank: int, out: Path, seed: int) -> Path:
