@@ -275,15 +275,10 @@ def subjects_from_args(args) -> list[Subject]:
 
 
 def load_pipeline(name_or_path: str, device: str):
-    """StableDiffusionPipeline (fp16 on CUDA) with its own progress bar off."""
-    from diffusers import StableDiffusionPipeline
+    """The base pipeline (fp16 on CUDA) with its own progress bar off."""
+    from loldu_sd.loading import load_pipeline as load
 
-    from loldu_sd.training.models import diffusers_dtype
-
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(name_or_path, **diffusers_dtype(dtype)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(name_or_path, device)
 
 
 def run(args) -> dict:

@@ -41,15 +41,11 @@ def _cuda() -> bool:
 def main(args: argparse.Namespace) -> list[Path]:
     """Load the pipeline and adapters, generate, save PNGs; returns their paths."""
     import torch
-    from diffusers import DiffusionPipeline
 
+    from loldu_sd.loading import load_pipeline
     from loldu_sd.pipeline import fuse_loldu, load_loldu_weights, set_loldu_adapters
-    from loldu_sd.training.models import diffusers_dtype
 
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **diffusers_dtype(dtype))
-    pipe = pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, args.device)
     names = [load_loldu_weights(pipe, a, adapter_name=f"adapter{i}") for i, a in enumerate(args.adapter)]
     if names:
         set_loldu_adapters(pipe, names, args.adapter_weight or None)

@@ -17,6 +17,7 @@ from torch import nn
 from . import model as core
 from .config import LoLDUConfig, bounded_weight
 from .io import LOLDU_WEIGHT_NAME, LoLDUFormatError, atomic_write, load_loldu, read_adapter_file, save_loldu
+from .loading import looks_local
 from .naming import checkpoint_prefixes, kohya_key, kohya_prefixes, lora_output_file
 from .presets import PRESETS
 
@@ -162,8 +163,7 @@ def resolve_adapter_file(path_or_repo_id: str | os.PathLike, weight_name: str | 
         if not f.is_file():
             raise FileNotFoundError(f"{p}: no {f.name} in this directory (pass weight_name=... to pick a file)")
         return f
-    text = str(path_or_repo_id)
-    if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
+    if looks_local(path_or_repo_id):
         raise FileNotFoundError(f"{path_or_repo_id}: no such adapter file or directory")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -315,17 +315,20 @@ def export_lora_state_dict(components: dict[str, nn.Module], adapter_name: str, 
 
 
 def export_lora(pipe, output_path: str | os.PathLike, adapter_name: str | None = None, format: str = "diffusers",
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, metadata: dict[str, str] | None = None) -> Path:
     """Write the exact LoRA equivalent of a LoLDU adapter, loadable by `pipe.load_lora_weights` / A1111 / ComfyUI.
 
-    A path without .safetensors is a folder that gets pytorch_lora_weights.safetensors, as in diffusers.
+    A path without .safetensors is a folder that gets pytorch_lora_weights.safetensors, as in diffusers. `metadata`
+    adds to (or overrides) the header's format, exported_from, loldu_adapter, base_model and lora_format.
     """
     from safetensors.torch import save_file
 
     comps = pipeline_components(pipe)
     name = adapter_name or _single_adapter(comps)
     tensors = export_lora_state_dict(comps, name, format, dtype)
-    meta = {"format": "pt", "exported_from": "loldu", "loldu_adapter": name}
+    base_model = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
+    meta = {"format": "pt", "exported_from": "loldu", "loldu_adapter": name, "base_model": str(base_model or ""),
+            "lora_format": format, **(metadata or {})}
     return atomic_write(lora_output_file(output_path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 

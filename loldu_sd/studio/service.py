@@ -18,7 +18,6 @@ from PIL import Image
 from .. import pipeline as pipeline_fns
 from ..io import LoLDUFormatError, read_adapter_file
 from ..per_prompt import per_prompt_adapters
-from ..training.errors import first_line
 from .inputs import (
     MAX_ADAPTER_BYTES,
     CompareRequest,
@@ -77,18 +76,14 @@ class Studio:
         with self._lock:
             if self._pipe is None:
                 import torch
-                from diffusers import DiffusionPipeline
 
-                from loldu_sd.training.models import diffusers_dtype
+                from ..loading import PipelineLoadError, load_pipeline
 
                 self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-                dtype = torch.float16 if self.device == "cuda" else torch.float32
                 try:
-                    pipe = DiffusionPipeline.from_pretrained(self.base_model, **diffusers_dtype(dtype))
-                except (OSError, ValueError) as e:
-                    raise StudioError(f"could not load the base model {self.base_model!r}: {first_line(e)}") from None
-                pipe.set_progress_bar_config(disable=True)
-                self._pipe = pipe.to(self.device)
+                    self._pipe = load_pipeline(self.base_model, self.device)
+                except PipelineLoadError as e:
+                    raise StudioError(f"could not load the base model {self.base_model!r}: {e.reason}") from None
             return self._pipe
 
     @property
@@ -243,18 +238,12 @@ class Studio:
 
     def export_lora(self, name: str, format: str = "diffusers") -> Path:
         """Export an adapter as the exact equivalent standard LoRA file (diffusers/peft or kohya keys)."""
-        from safetensors.torch import save_file
-
-        from ..pipeline import export_lora_state_dict, pipeline_components
-
         if format not in ("diffusers", "kohya"):
             raise StudioError(f"LoRA format must be 'diffusers' or 'kohya', got {format!r}")
         info = self.library.info(name)
-        with self._lock:
-            internal = self._load(info.name)
-            tensors = export_lora_state_dict(pipeline_components(self.pipeline()), internal, format)
         dest = self.scratch / "exports" / uuid.uuid4().hex / f"{info.name}.lora.safetensors"
         dest.parent.mkdir(parents=True)
-        save_file(tensors, str(dest), metadata={"format": "pt", "exported_from": "loldu", "loldu_adapter": info.name,
-                                                "base_model": info.base_model, "lora_format": format})
-        return dest
+        with self._lock:
+            internal = self._load(info.name)
+            meta = {"loldu_adapter": info.name, "base_model": info.base_model}  # library names, not internal ones
+            return pipeline_fns.export_lora(self.pipeline(), dest, internal, format, metadata=meta)

@@ -47,12 +47,7 @@ def sample_concept_files(name: str = SAMPLE_CONCEPT) -> list[str]:
 def load_pipeline(path: str | Path = PIPELINE_DIR, dtype=None):
     """The pretrained toy-world StableDiffusionPipeline (fp32 unless `dtype`), progress bar off."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no toy-world pipeline at {path} (model_index.json missing); loldu-sd ships it "
-                                "as package data under loldu_sd/toyworld/assets/pipeline")
-    pipe = StableDiffusionPipeline.from_pretrained(path).to(dtype=dtype or torch.float32)  # stored fp16, loads fp32
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    from ..loading import load_pipeline as load
+
+    return load(path, dtype=dtype or torch.float32)  # stored fp16, loads fp32

@@ -12,6 +12,7 @@ import torch
 
 from ..config import INITS, LoLDUConfig
 from ..io import parse_metadata, read_adapter_file
+from ..loading import looks_local
 from ..presets import PRESETS
 from .checkpoints import resolve_checkpoint
 from .errors import TrainingInputError, first_line
@@ -210,8 +211,7 @@ def preflight(args: argparse.Namespace) -> None:
             raise TrainingInputError(f"--{a} and --{b} are the same folder ({folders[a]}); use separate folders")
     for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name"):
         spec = getattr(args, flag)
-        looks_local = spec and (spec.startswith((".", "/", "~")) or spec.count("/") > 1)  # Hub ids: "org/name"
-        if looks_local and not Path(spec).expanduser().is_dir():
+        if spec and looks_local(spec) and not Path(spec).expanduser().is_dir():
             raise TrainingInputError(f"--{flag} {spec}: no such folder (and not a Hub id such as "
                                      "'stable-diffusion-v1-5/stable-diffusion-v1-5')")
     out = Path(args.output_dir)
@@ -243,7 +243,7 @@ def check_resumable(checkpoint: Path, args: argparse.Namespace) -> None:
         raise TrainingInputError(f"--resume_from_checkpoint {checkpoint}: unreadable adapter ({first_line(e)}); "
                                  "this checkpoint is damaged or was edited: resume from an earlier one (delete this "
                                  "one) or start a new run") from None
-    if saved != loldu_config(args) or comps != ({"unet", "text_encoder"} if args.train_text_encoder else {"unet"}):
+    if saved != loldu_config(args) or bool(comps - {"unet"}) != bool(args.train_text_encoder):  # SDXL: two encoders
         raise TrainingInputError(f"--resume_from_checkpoint {checkpoint}: trained with other LoLDU flags (rank "
                                  f"{saved.rank}, alpha {saved.alpha:g}, targets {','.join(saved.target_modules)}, "
                                  f"text encoder {'text_encoder' in comps}); resume with the same flags")

@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import LoLDUConfig
 from ..io import LoLDUFormatError, layer_values, loldu_state_dict, parse_metadata, read_adapter_file
 from ..model import loldu_layers, loldu_value_problem
 from ..naming import checkpoint_prefixes
@@ -269,18 +268,18 @@ def _check_state(folder: Path) -> dict:
     return state
 
 
-def _check_adapter(path: Path, components: dict[str, torch.nn.Module], config: LoLDUConfig
+def _check_adapter(path: Path, components: dict[str, torch.nn.Module]
                    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """z and sigma of every layer, after checking the file against the adapter this run just built."""
     try:
         tensors, meta = read_adapter_file(path)
-        saved, saved_layers = parse_metadata(path, meta)
+        _, saved_layers = parse_metadata(path, meta)
     except ValueError as e:
         raise _Damaged(path.name, e.reason if isinstance(e, LoLDUFormatError) else first_line(e)) from None
     mine, layers = loldu_state_dict(components, "default", checkpoint_prefixes(components))  # names as saved
-    if saved_layers != layers or saved != config:
-        raise TrainingInputError(f"{path}: this checkpoint was trained with other LoLDU flags (--rank, --alpha, "
-                                 "--target_modules, --train_text_encoder ...); resume with the same flags")
+    if saved_layers != layers:  # the flags were compared before loading (args.check_resumable): another base's layers
+        raise TrainingInputError(f"{path}: this checkpoint's layers are not this base model's; resume with the "
+                                 "--pretrained_model_name_or_path it was trained on")
     for key, expected in mine.items():
         got = tensors.get(key)
         if got is None or got.shape != expected.shape or got.is_floating_point() != expected.is_floating_point():
@@ -407,8 +406,8 @@ def _copy_values(components: dict[str, torch.nn.Module], values: dict, path: Pat
         raise TrainingInputError(f"{path}: layer {problem}; resume from an earlier checkpoint")
 
 
-def load_checkpoint(folder: Path, accelerator, components: dict[str, torch.nn.Module], config: LoLDUConfig,
-                    optimizer, lr_scheduler) -> dict:
+def load_checkpoint(folder: Path, accelerator, components: dict[str, torch.nn.Module], optimizer, lr_scheduler
+                    ) -> dict:
     """Resume: check every file of the checkpoint (no pickle, every tensor's shape, dtype and finiteness, every state
     field's type and range), then restore adapter, optimizer, scheduler and RNG; returns the training state."""
     from ..io import LOLDU_WEIGHT_NAME
@@ -416,7 +415,7 @@ def load_checkpoint(folder: Path, accelerator, components: dict[str, torch.nn.Mo
     refuse_pickles(folder)
     try:
         state = _check_state(folder)
-        values = _check_adapter(folder / LOLDU_WEIGHT_NAME, components, config)
+        values = _check_adapter(folder / LOLDU_WEIGHT_NAME, components)
         optimizer_state = _check_optimizer(folder, optimizer)
         schedules = _check_schedules(folder, lr_scheduler, accelerator.scaler, state["global_step"])
         rng = _check_rng(folder, accelerator)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from .data import CLASS_GEN, load_images, seeded_generator
 from .errors import TrainingInputError
-from .models import diffusers_dtype, no_safety_checker
+from ..loading import dtype_kwargs
+from .models import no_safety_checker
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def generate_class_images(args: argparse.Namespace, accelerator, have: int) -> N
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                              variant=args.variant, **no_safety_checker(args),
-                                             **diffusers_dtype(dtype))
+                                             **dtype_kwargs(dtype))
     pipe.to(accelerator.device).set_progress_bar_config(disable=True)
     folder = Path(args.class_data_dir)
     from tqdm.auto import tqdm

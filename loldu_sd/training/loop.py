@@ -148,8 +148,7 @@ class _Run:
             module.train()  # from_pretrained returns eval-mode models; checkpointing (CLIP) only acts in train mode
 
         if self.resume is not None:
-            state = load_checkpoint(self.resume, accelerator, components, self.config, self.optimizer,
-                                    self.lr_scheduler)
+            state = load_checkpoint(self.resume, accelerator, components, self.optimizer, self.lr_scheduler)
             self.global_step, self.losses = state["global_step"], [tuple(x) for x in state["losses"]]
             self.last_checkpoint = self.resume
             if self.main:

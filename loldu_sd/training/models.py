@@ -9,20 +9,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..loading import dtype_kwargs
 from ..model import cast_loldu_parameters
+from ..pipeline import (ADAPTED_COMPONENTS, TEXT_ENCODERS, add_loldu_to_text_encoder, add_loldu_to_unet,
+                        unet_target_layers)
 from .args import loldu_config
 from .errors import TrainingInputError, first_line
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
-
-def diffusers_dtype(dtype: torch.dtype) -> dict:
-    """The from_pretrained keyword for `dtype` ({} for fp32): diffusers >= 0.36 renamed torch_dtype to dtype."""
-    from diffusers.utils import deprecation_utils
-
-    if dtype == torch.float32:
-        return {}
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def no_safety_checker(args: argparse.Namespace) -> dict:
@@ -59,11 +51,11 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     if (DiffusionPipeline.load_config(path, **hub).get("text_encoder_2") or [None])[0] is not None:  # SDXL
         tokenizer_2 = transformers.AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub)
         text_encoder_2 = _text_encoder(args, "text_encoder_2").to(dtype=dtype)
-    cast = diffusers_dtype(dtype)  # frozen weights in the mixed-precision dtype
+    cast = dtype_kwargs(dtype)  # frozen weights in the mixed-precision dtype
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **cast)
     else:  # SDXL's own VAE overflows in fp16: float32, as diffusers' SDXL scripts keep it unless a fixed VAE is given
-        vae_cast = diffusers_dtype(torch.float32) if text_encoder_2 is not None else cast
+        vae_cast = dtype_kwargs(torch.float32) if text_encoder_2 is not None else cast
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **hub, **vae_cast)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **hub, **cast)
     text_encoder.to(dtype=dtype)
@@ -81,13 +73,9 @@ def text_encoder_names(models) -> list[str]:
 
 
 def pipeline_components(m, trained: dict, unwrap) -> dict:
-    """Pipeline components of the run: the trained UNet and text encoder(s) (unwrapped) and the frozen rest."""
-    comps = {"unet": unwrap(trained["unet"]), "vae": m.vae, "tokenizer": m.tokenizer}
-    for name in text_encoder_names(m):
-        comps[name] = unwrap(trained.get(name, getattr(m, name)))
-    if m.tokenizer_2 is not None:
-        comps["tokenizer_2"] = m.tokenizer_2
-    return comps
+    """Pipeline components of the run: the adapted models (the trained ones unwrapped), the VAE and tokenizer(s)."""
+    adapted = {n: unwrap(trained.get(n, getattr(m, n))) for n in ADAPTED_COMPONENTS if getattr(m, n) is not None}
+    return {**adapted, **{n: getattr(m, n) for n in ("vae", "tokenizer", "tokenizer_2") if getattr(m, n) is not None}}
 
 
 def pipeline_from_args(args: argparse.Namespace, **components):
@@ -124,8 +112,6 @@ def make_accelerator(args: argparse.Namespace):
 
 def models_with_adapters(args: argparse.Namespace, accelerator):
     """Frozen base models in the mixed-precision dtype with LoLDU adapters whose z/sigma stay fp32."""
-    from ..pipeline import add_loldu_to_text_encoder, add_loldu_to_unet
-
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         m = load_models(args, accelerator.device, weight_dtype)
@@ -163,7 +149,6 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
 
 def check_rank_fits(unet, config) -> None:
     """--rank must fit every targeted UNet layer: a smaller one would keep fewer pivots than the metadata records."""
-    from ..pipeline import unet_target_layers
     from ..model import find_targets
 
     targets = config.target_modules

@@ -17,7 +17,8 @@ from .args import loldu_config
 from .checkpoints import LOCK_NAME
 from .errors import TrainingError, TrainingInputError, first_line
 from ..pipeline import load_loldu_weights
-from .models import diffusers_dtype, generate_samples, pipeline_from_args
+from ..loading import dtype_kwargs
+from .models import generate_samples, pipeline_from_args
 
 if TYPE_CHECKING:
     from .loop import TrainingCallbacks, TrainingResult
@@ -32,7 +33,7 @@ def final_outputs(args: argparse.Namespace, accelerator, result: TrainingResult,
     if args.num_validation_images and not result.cancelled:
         from diffusers import AutoencoderKL
 
-        extra = diffusers_dtype(weight_dtype)
+        extra = dtype_kwargs(weight_dtype)
         if args.pretrained_vae_model_name_or_path:
             extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, **extra)
         pipe = pipeline_from_args(args, **extra).to(accelerator.device)
