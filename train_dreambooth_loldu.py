@@ -27,6 +27,10 @@ __all__ = ["main", "parse_args"]
 
 def main(args: argparse.Namespace) -> TrainingResult:
     """Train, then print where the adapter went."""
+    import torch
+
+    if args.allow_tf32 and torch.cuda.is_available():  # process-wide: the front end sets it, never the library
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     result = train_dreambooth(args)
     if result.adapter_path is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"{'cancelled at' if result.cancelled else 'trained'} {result.steps} steps in {result.seconds:.0f} s: "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,18 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def _seed():
     """Every test starts from the same RNG state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Each test is a new process to accelerate, which keeps one mixed precision per process (the library never
+    resets it); the reset is accelerate's own test-suite helper, so it lives here, not in loldu_sd."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 class TinyAttention(nn.Module):

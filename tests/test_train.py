@@ -413,10 +413,31 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tiny_sd, tmp
     assert not list(out.glob("*.tmp-*"))
 
 
-def test_cancel_before_the_first_step_saves_nothing_and_bf16_on_cpu_trains(tiny_sd, tmp_path):
+def test_cancel_before_the_first_step_saves_nothing(tiny_sd, tmp_path):
     result = train(tiny_sd, tmp_path / "x", callbacks=TrainingCallbacks(should_stop=lambda: True))
     assert result.cancelled and result.steps == 0 and result.adapter_path is None
     assert not (tmp_path / "x" / "pytorch_loldu_weights.safetensors").exists()
+
+
+def test_training_leaves_the_callers_rngs_and_tf32_alone_and_keeps_one_precision(tiny_sd, tmp_path):
+    """No process-wide side effect: the caller's RNG sequences and TF32 switch are as before; accelerate's state is
+    not reset behind the caller's back, so another precision in the same process is refused in one line."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    train(tiny_sd, tmp_path / "run", "--max_train_steps", "1", "--allow_tf32", "--seed", "7")
+    assert torch.equal(torch.rand(3), expected[0]) and (random.random(), np.random.rand()) == expected[1:]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
+    with pytest.raises(training.TrainingInputError, match="--mixed_precision bf16: this process already trained "):
+        train(tiny_sd, tmp_path / "bf16", "--mixed_precision", "bf16", "--max_train_steps", "1")
+
+
+def test_bf16_on_cpu_trains(tiny_sd, tmp_path):
     seen = []
     result = train(tiny_sd, tmp_path / "bf16", "--mixed_precision", "bf16", "--max_train_steps", "2",
                    callbacks=TrainingCallbacks(on_step=lambda s, loss: seen.append((s, loss))))

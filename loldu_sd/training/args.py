@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="Frozen weights in fp16/bf16, trainable z/sigma in fp32 (default: accelerate's config). CPU: bf16 only.")
     a("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     a("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention.")
-    a("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    a("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs (set for the whole process by "
+      "train_dreambooth_loldu.py; train_dreambooth() itself never changes it).")
     a = p.add_argument_group("checkpoints").add_argument
     a("--output_dir", default="loldu-dreambooth-model", help="Where the adapter, card, plots and checkpoints go.")
     a("--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint-N/ every N steps.")

@@ -23,6 +23,7 @@ from .errors import TrainingError, TrainingInputError
 from .loss import batch_loss
 from .models import generate_samples, make_accelerator, models_with_adapters, pipeline_components, pipeline_from_args
 from .optim import make_lr_scheduler, make_optimizer
+from .rng import caller_rngs_restored
 from .outputs import create_hub_repo, final_outputs, log_images, tracker_config
 from .step import NonFiniteStep, loldu_trainable, training_step
 
@@ -77,7 +78,7 @@ def train_dreambooth(args: argparse.Namespace, callbacks: TrainingCallbacks | No
             raise TrainingInputError(f"--class_data_dir {class_dir}: cannot create it ({e.strerror or e})") from None
     accelerator = make_accelerator(args)
     try:
-        with output_dir_lock(Path(args.output_dir), accelerator):
+        with output_dir_lock(Path(args.output_dir), accelerator), caller_rngs_restored():
             return _train(args, accelerator, callbacks, [im for _, im in instance], notes, started)
     finally:
         accelerator.end_training()

@@ -90,12 +90,14 @@ def pipeline_from_args(args: argparse.Namespace, **components):
 def make_accelerator(args: argparse.Namespace):
     """A fresh Accelerator for this run (mixed precision, trackers, CPU DDP under torchrun)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    # in-process callers (the studio) train many times: forget the previous run's mixed precision and trackers
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+    # accelerate keeps one mixed precision per process; a second in-process run (the studio) must use the same one
+    if is_initialized() and args.mixed_precision not in (None, AcceleratorState().mixed_precision):
+        raise TrainingInputError(f"--mixed_precision {args.mixed_precision}: this process already trained with "
+                                 f"{AcceleratorState().mixed_precision} (accelerate keeps one per process); use "
+                                 "that, or train in a new process")
     out = Path(args.output_dir)
     # torchrun on a machine without GPU: accelerate only sets up gloo DDP when told to use the CPU
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -142,8 +144,6 @@ def models_with_adapters(args: argparse.Namespace, accelerator):
                 encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return m, components, weight_dtype
 
 
