@@ -343,11 +343,19 @@ def add_scorer_arguments(p) -> None:
     g.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
 
 
+def toyworld_scorer(judges_dir: str | Path | None = None, **kwargs) -> Scorer:
+    """A Scorer whose DINO is the toy world's instance encoder and whose CLIP is its image-text model."""
+    from loldu_sd.toyworld import JUDGES_DIR
+    from loldu_sd.toyworld.judges import load_judges
+
+    judges = load_judges(JUDGES_DIR if judges_dir is None else judges_dir)
+    return Scorer("toyworld-instance", "toyworld-image-text", dino_embed_fn=judges.embed_instances,
+                  clip_image_embed_fn=judges.embed_images, clip_text_embed_fn=judges.embed_texts, **kwargs)
+
+
 def scorer_from_args(args) -> Scorer:
     """A Scorer from add_scorer_arguments' options."""
     if args.backbones == "toyworld":
-        from .toyworld import toyworld_scorer
-
         return toyworld_scorer(variant=args.variant, device="cpu", batch_size=args.batch_size)
     tiny = args.backbones == RANDOM_TINY
     return Scorer(RANDOM_TINY if tiny else args.dino_model, RANDOM_TINY if tiny else args.clip_model,

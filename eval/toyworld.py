@@ -17,24 +17,15 @@ from pathlib import Path
 
 import torch
 
-from loldu_sd.toyworld import GUIDANCE_SCALE, INFERENCE_STEPS, JUDGES_DIR
+from loldu_sd.toyworld import GUIDANCE_SCALE, INFERENCE_STEPS
 from loldu_sd.toyworld.concepts import CONCEPTS, concept_photos
 from loldu_sd.toyworld.world import COLOURS, HELD_OUT_PAIRS, KINDS, Scene, Thing, render
 
-from .scorer import Scorer, load_images
+from .scorer import Scorer, load_images, toyworld_scorer  # noqa: F401  (toyworld_scorer: re-exported)
 
 TOYWORLD = "toyworld"
 # generated images with the kind a person saw in each, labelled without seeing the prompts (docs/toyworld.md)
 EYE_LABELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "eye_labels"
-
-
-def toyworld_scorer(judges_dir: str | Path = JUDGES_DIR, **kwargs) -> Scorer:
-    """A Scorer whose DINO is the toy world's instance encoder and whose CLIP is its image-text model."""
-    from loldu_sd.toyworld.judges import load_judges
-
-    judges = load_judges(judges_dir)
-    return Scorer("toyworld-instance", "toyworld-image-text", dino_embed_fn=judges.embed_instances,
-                  clip_image_embed_fn=judges.embed_images, clip_text_embed_fn=judges.embed_texts, **kwargs)
 
 
 def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16, steps: int = INFERENCE_STEPS) -> list:

@@ -5,14 +5,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from PIL import Image
 
 from ..images import IMAGE_FORMATS, ImageReadError, read_image  # noqa: F401  (IMAGE_FORMATS: re-exported)
-
-if TYPE_CHECKING:  # type hints only: library.py imports this module
-    from .library import AdapterLibrary
 
 MAX_IMAGE_BYTES = 20 * 2**20
 MIN_IMAGES, MAX_IMAGES = 3, 10
@@ -178,6 +175,12 @@ class CompareRequest:
             seed=check_range("seed", self.seed, LIMITS.seed, integer=True))
 
 
+class AdapterFolders(Protocol):
+    """What a TrainRequest asks of the library (AdapterLibrary is one): the folder an adapter name would get."""
+
+    def path(self, name: str) -> Path: ...
+
+
 @dataclass
 class TrainRequest:
     """One Train-tab click."""
@@ -195,7 +198,7 @@ class TrainRequest:
     requested_name: str = ""  # the name as typed; `name` is its sanitised form once validated
     batch_size: int = 1  # the paper's; the toy world's small model learns at 4
 
-    def validate(self, library: AdapterLibrary | None = None) -> list[Image.Image]:
+    def validate(self, library: AdapterFolders | None = None) -> list[Image.Image]:
         """Check every field (StudioError on the first problem) and normalise it in place; returns the images."""
         self.instance_prompt = " ".join((self.instance_prompt or "").split())
         if not self.instance_prompt:

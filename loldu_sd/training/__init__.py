@@ -28,7 +28,8 @@ from .checkpoints import STATE_NAME, adapter_digest, list_checkpoints, resolve_c
 from ..images import to_rgb
 from .data import DreamBoothDataset, SampleStream, load_images, sample_seed
 from .errors import TrainingError, TrainingInputError
-from .loop import TrainingCallbacks, TrainingResult, train_dreambooth
+from .loop import train_dreambooth
+from .results import TrainingCallbacks, TrainingResult
 from .loss import diffusion_loss, encode_prompt, evaluate_denoising_loss
 from .models import load_models
 from .outputs import image_grid, plot_losses, write_model_card

@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,9 +18,8 @@ from .errors import TrainingError, TrainingInputError, first_line
 from ..pipeline import load_loldu_weights
 from ..loading import dtype_kwargs
 from .models import generate_samples, pipeline_from_args
+from .results import TrainingCallbacks, TrainingResult
 
-if TYPE_CHECKING:
-    from .loop import TrainingCallbacks, TrainingResult
 
 logger = logging.getLogger(__name__)
 
