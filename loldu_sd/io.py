@@ -33,6 +33,7 @@ from torch import nn
 from . import migration
 from .config import LoLDUConfig
 from .decompose import LDUFactors, fingerprint, leading_factors, single_threaded, top_r_ldu, unit_roundoff
+from .errors import PathError
 from .layer import LoLDULinear, adapter_name_problem, change_diag, delta_ratio, ratio_problem
 from .model import (
     Components,
@@ -64,15 +65,8 @@ KNOWN_ROUNDOFFS = {float(torch.tensor(unit_roundoff(d), dtype=torch.float32))
 LOLDU_WEIGHT_NAME = "pytorch_loldu_weights.safetensors"  # the file name in an adapter directory
 
 
-class LoLDUFormatError(ValueError):
+class LoLDUFormatError(PathError):
     """The file is not a valid LoLDU adapter for this model: `path` names the file, `reason` says what is wrong."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-    def __reduce__(self):  # pickles (multiprocessing) with both fields, not the joined message
-        return type(self), (self.path, self.reason)
 
 
 class LoLDUBaseMismatchError(LoLDUFormatError):

@@ -10,16 +10,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import PathError
 
-class PipelineLoadError(ValueError):
+
+class PipelineLoadError(PathError):
     """The base pipeline could not be loaded: `path` is what was asked for, `reason` one line saying why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-    def __reduce__(self):  # pickles (multiprocessing) with both fields, not the joined message
-        return type(self), (self.path, self.reason)
 
 
 def looks_local(spec: str | os.PathLike) -> bool:
