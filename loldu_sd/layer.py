@@ -303,13 +303,20 @@ class LoLDULinear(nn.Linear):
         del self.loldu_adapters[name]
         self.loldu_active = [a for a in self.loldu_active if a != name]
 
-    def set_active(self, names: list[str], weights: list[float] | None = None) -> None:
-        """Activate `names` with mixing weights (default 1.0 each)."""
+    def set_active(self, names: list[str], weights: list[float] | None = None, missing_ok: bool = False) -> None:
+        """Activate `names` with mixing weights (default 1.0 each); `missing_ok` skips names this layer lacks."""
         weights = [1.0] * len(names) if weights is None else weights
-        adapters = self.loldu_adapters._modules  # a plain dict: switching is a hot path
+        adapters = self.loldu_adapters._modules  # a plain dict: switching is a hot path, allocating next to nothing
+        unknown = [] if missing_ok else [n for n in names if n not in adapters]
+        if unknown:  # before any change
+            raise KeyError(f"no adapter {unknown[0]!r} on this layer; present: {list(adapters)}")
+        active = self.loldu_active
+        active.clear()  # in place: no nn.Module attribute assignment
         for n, w in zip(names, weights):
-            adapters[n].__dict__["mix_weight"] = float(w)  # a float attribute: nn.Module's checks are moot
-        self.loldu_active[:] = names  # in place: no nn.Module attribute assignment
+            adapter = adapters.get(n)
+            if adapter is not None:
+                adapter.__dict__["mix_weight"] = float(w)  # a float attribute: nn.Module's checks are moot
+                active.append(n)
 
     # ---- forward / merge ------------------------------------------------------------------------------------
     def combined_diag(self, names: list[str] | None = None, scale: float = 1.0) -> torch.Tensor | None:

@@ -219,8 +219,7 @@ def set_loldu_adapters(module: Components, names: str | list[str], weights: floa
     if merged:  # checked first: no half-switched model
         raise RuntimeError(merged_message(merged, "changing the active adapters"))
     for layer in layers:
-        here = [(n, w) for n, w in zip(names, weights) if n in layer.loldu_adapters]
-        layer.set_active([n for n, _ in here], [w for _, w in here])
+        layer.set_active(names, weights, missing_ok=True)
 
 
 def layer_objects(modules: Components) -> list[LoLDULinear]:
@@ -230,13 +229,15 @@ def layer_objects(modules: Components) -> list[LoLDULinear]:
     stack = list(components(modules).values())[::-1]
     while stack:
         m = stack.pop()
-        if id(m) in seen:
+        if m is None or id(m) in seen:
             continue
         seen.add(id(m))
         if isinstance(m, LoLDULinear):
             found.append(m)  # its children are its adapters: nothing to find below
-        else:
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+            continue
+        children = list(m._modules.values())  # one list, no generator per module: few allocations, no GC pauses
+        children.reverse()
+        stack += children
     return found
 
 
