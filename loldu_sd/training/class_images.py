@@ -11,7 +11,7 @@ from PIL import Image
 
 from .data import CLASS_GEN, load_images, seeded_generator
 from .errors import TrainingInputError
-from ..loading import dtype_kwargs
+from ..loading import load_pipeline
 from .models import no_safety_checker
 
 logger = logging.getLogger(__name__)
@@ -19,15 +19,11 @@ logger = logging.getLogger(__name__)
 
 def generate_class_images(args: argparse.Namespace, accelerator, have: int) -> None:
     """Generate the missing class images into --class_data_dir, split across processes, seeded per image."""
-    from diffusers import DiffusionPipeline
-
     missing = list(range(have, args.num_class_images))[accelerator.process_index::accelerator.num_processes]
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                             variant=args.variant, **no_safety_checker(args),
-                                             **dtype_kwargs(dtype))
-    pipe.to(accelerator.device).set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, accelerator.device, dtype, revision=args.revision,
+                         variant=args.variant, **no_safety_checker(args))
     folder = Path(args.class_data_dir)
     from tqdm.auto import tqdm
 
