@@ -2,8 +2,8 @@
 
 Only ratios measured within one run are recorded (ours against the floor, the base, a full LU or peft LoRA, timed in
 interleaved rounds), never absolute times: a busier or faster machine moves both sides of a ratio alike. Each figure
-is the median of its per-round ratios; its spread is half their range. A figure has moved when the new median is
-further from the recorded one than the larger of the two spreads (and than MIN_CHANGE of it).
+is the median of its per-round ratios; its spread is half their range (see `spread`). A figure has moved when the new
+median is further from the recorded one than the larger of the two spreads (and than MIN_CHANGE of it).
 """
 from __future__ import annotations
 
@@ -50,9 +50,18 @@ def figures(res: dict) -> dict[str, list[float]]:
     return {name: v for name, v in found.items() if v}
 
 
+def spread(values: list[float]) -> float:
+    """Run-to-run spread of a figure's per-round ratios: half their range; from five rounds on 1.5 x their median
+    absolute deviation, so that rounds stalled by a busy machine cannot widen the limit until a regression passes."""
+    if len(values) < 5:
+        return (max(values) - min(values)) / 2
+    mid = statistics.median(values)
+    return 1.5 * statistics.median(abs(v - mid) for v in values)
+
+
 def summarise(res: dict) -> dict:
     """{figure: {"median", "spread"}} of a run, with where and when it ran: what the record keeps."""
-    out = {name: {"median": statistics.median(v), "spread": (max(v) - min(v)) / 2} for name, v in figures(res).items()}
+    out = {name: {"median": statistics.median(v), "spread": spread(v)} for name, v in figures(res).items()}
     meta = res.get("meta", {})
     return {"meta": {k: meta.get(k) for k in ("date", "device", "loadavg_start", "resolution", "repeats")},
             "figures": out}
