@@ -76,14 +76,15 @@ def build_unet(seed: int = 0, latent_channels: int | None = None):
     import torch
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
     channels = latent_channels or LATENT_CHANNELS
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(64, 128, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's random state
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
+            block_out_channels=(64, 128, 128),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
 
 
 def build_vae(seed: int = 0, latent_channels: int | None = None):
@@ -91,11 +92,12 @@ def build_vae(seed: int = 0, latent_channels: int | None = None):
     import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels or LATENT_CHANNELS,
-                         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3,
-                         layers_per_block=1, norm_num_groups=32, sample_size=64)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's random state
+        torch.manual_seed(seed)
+        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels or LATENT_CHANNELS,
+                             block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                             up_block_types=("UpDecoderBlock2D",) * 3,
+                             layers_per_block=1, norm_num_groups=32, sample_size=64)
 
 
 def train_scheduler():
