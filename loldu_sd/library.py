@@ -55,6 +55,8 @@ class ResidentLibrary:
     def load(self, path: str | Path, name: str | None = None) -> str:
         """Add the adapter file at `path` (validated against the base first; nothing changes on error)."""
         path = Path(path)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"{path}: name={name!r} names no adapter; pass a non-empty name, or None for the file's")
         tensors, meta = read_adapter_file(path)
         name = name or meta.get("adapter_name") or path.stem
         if name in self._diags:

@@ -90,6 +90,9 @@ def test_a_file_of_no_layers_is_refused_by_the_resident_library_too(adapter, tin
     with pytest.raises(LoLDUFormatError, match=r"empty.safetensors: corrupted LoLDU metadata \(layers lists no layer"):
         library.load(tmp_path / "empty.safetensors")  # was: torch.cat(): expected a non-empty list
     assert len(library) == 0
+    with pytest.raises(ValueError, match=r"name='' names no adapter"):
+        library.load(adapter, name="")  # was: silently took the file's own name
+    assert len(library) == 0
 
 
 def test_a_sigma_outside_sigma_max_is_never_saved(tiny_net, tmp_path):
