@@ -20,6 +20,7 @@ from loldu_sd.pipeline import load_loldu_weights
 from loldu_sd.toyworld import PIPELINE_DIR, load_pipeline
 from loldu_sd.toyworld.concepts import CONCEPTS, IDENTIFIER, concept_photos, prompts
 
+from .ceiling import codec_ceiling, gap_closed
 from .toyworld import generate, toyworld_scorer
 
 SHOWN = (20, 2, 5, 18)  # indexes into the concept prompt list: plain, a background, a striped one, two of it
@@ -44,7 +45,8 @@ def run(pipeline: str | Path, adapter: str | Path, concept_name: str, seed: int 
     pipe, texts = load_pipeline(pipeline), prompts(concept)
     reference = concept_photos(concept_name)
     shown = [texts[i] for i in SHOWN for _ in range(2)]
-    out = {"concept": concept_name, "adapter": str(adapter), "seed": seed, "images": {}}
+    out = {"concept": concept_name, "adapter": str(adapter), "seed": seed, "images": {},
+           "ceiling": codec_ceiling(pipe, concept_name, scorer)}  # the best any UNet method can reach here
     for label in ("base", "adapter"):
         if label == "adapter":
             load_loldu_weights(pipe, adapter)
@@ -52,6 +54,8 @@ def run(pipeline: str | Path, adapter: str | Path, concept_name: str, seed: int 
         out["images"][label] = generate(pipe, shown, seed + 1000)
         out["images"][label + "_class"] = generate(pipe, [concept.class_prompt] * PRIOR_SAMPLES, seed + 2000)
     out["prior"] = prior_similarity(scorer, out["images"]["base_class"], out["images"]["adapter_class"])
+    out["gap_closed"] = {k: round(gap_closed(out["base"][k], out["adapter"][k], out["ceiling"][k]), 3)
+                         for k in ("dino", "clip_i")}
     out["images"]["reference"], out["shown_prompts"] = reference, shown
     return out
 
@@ -67,7 +71,7 @@ def picture(result: dict) -> Image.Image:
     """Photos on top, then base and adapter rows under the prompts they were made from, then the scores."""
     images, cols = result["images"], len(result["shown_prompts"])
     label_w, head, width = 110, 44, 110 + cols * CELL
-    canvas = Image.new("RGB", (width, 40 + CELL + head + 2 * CELL + 70), "white")
+    canvas = Image.new("RGB", (width, 40 + CELL + head + 2 * CELL + 92), "white")
     d, small, big = ImageDraw.Draw(canvas), _font(12), _font(16)
     d.text((8, 10), f"concept '{result['concept']}': {CONCEPTS[result['concept']].description}", fill="black",
            font=big)
@@ -87,6 +91,10 @@ def picture(result: dict) -> Image.Image:
     b, a = result["base"], result["adapter"]
     d.text((8, y + 10), f"subject fidelity  DINO* {b['dino']:.3f} -> {a['dino']:.3f}   CLIP-I* {b['clip_i']:.3f} -> "
            f"{a['clip_i']:.3f}      prompt fidelity  CLIP-T* {b['clip_t']:.3f} -> {a['clip_t']:.3f}", fill="black",
+           font=small)
+    c, g = result["ceiling"], result["gap_closed"]
+    d.text((8, y + 54), f"codec round trip of the photos (the ceiling of any method): DINO* {c['dino']:.3f}  CLIP-I* "
+           f"{c['clip_i']:.3f}; gap to it closed: DINO* {g['dino']:.0%}  CLIP-I* {g['clip_i']:.0%}", fill="black",
            font=small)
     d.text((8, y + 32), f"prior kept (DINO* of class-prompt samples, base vs adapter, same seeds): "
            f"{result['prior']:.3f}    (* = toy-world judges; 25 prompts, one seeded image each)", fill="black",
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for label in ("base", "adapter"):
         s = result[label]
         print(f"{label:10} {s['dino']:7.3f} {s['clip_i']:8.3f} {s['clip_t']:8.3f}")
+    c, g = result["ceiling"], result["gap_closed"]
+    print(f"{'ceiling':10} {c['dino']:7.3f} {c['clip_i']:8.3f}          (codec round trip of the photos)")
+    print(f"gap to the ceiling closed: DINO* {g['dino']:.0%}, CLIP-I* {g['clip_i']:.0%}")
     print(f"prior kept: {result['prior']:.3f}\nwrote {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -35,6 +35,11 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
+def gap_closed(base: float, method: float, ceiling: float) -> float:
+    """(method - base) / (ceiling - base): the share of the attainable gain a method reached (nan without a gap)."""
+    return (method - base) / (ceiling - base) if ceiling != base else float("nan")
+
+
 def codec_ceiling(pipe_or_vae, concept_name: str, scorer) -> dict:
     """DINO*, CLIP-I*, subject fidelity (their mean) and mean PSNR of the concept's round-tripped photos.
 

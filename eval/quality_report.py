@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from loldu_sd.toyworld.concepts import CONCEPTS
 
+from .ceiling import gap_closed
 from .quality_run import BASE
 
 METRICS = ("dino", "clip_i", "clip_t", "prior", "fidelity", "closed", "size")
@@ -43,8 +44,7 @@ def references(records: list[dict]) -> dict[str, dict]:
 
 def with_closure(row: dict, ref: dict) -> dict:
     """A checkpoint's scores plus the fraction of the base-to-ceiling fidelity gap it closed."""
-    gap = ref["ceiling"]["fidelity"] - ref["base"]["fidelity"]
-    return {**row, "closed": round((row["fidelity"] - ref["base"]["fidelity"]) / gap, 4) if gap else float("nan")}
+    return {**row, "closed": round(gap_closed(ref["base"]["fidelity"], row["fidelity"], ref["ceiling"]["fidelity"]), 4)}
 
 
 def by_lr(records: list[dict], refs: dict, last: str) -> dict[str, dict[float, list[dict]]]:
